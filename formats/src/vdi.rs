@@ -1,0 +1,15 @@
+//! vdi: header parsing and validation (being written).
+
+use crate::error::{Result, err};
+use crate::view::View;
+use crate::ImageInfo;
+
+/// Whether the first bytes of an image are a vdi image.
+pub(crate) fn matches(_head: &[u8]) -> bool {
+    false
+}
+
+/// Validates a vdi image and computes its virtual size.
+pub fn probe(_view: &dyn View) -> Result<ImageInfo> {
+    Err(err!(Unsupported, "vdi is not supported yet"))
+}
