@@ -1,1 +1,46 @@
-fn main() {}
+//! The `dvcr` command: one binary for every job of the project.
+//!
+//! Subcommands land as their issues do; today: `inspect`, which names a disk image's format,
+//! virtual size, compression and whether it is a CD-ROM, from a file, standard input or an
+//! HTTP URL, reading it at most once.
+
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// dvcr: a disk-image pipeline for Kubernetes virtualization (registry, importer, uploader).
+#[derive(Debug, Parser)]
+#[command(name = "dvcr", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter for diagnostics on stderr (e.g. `debug`, `dvcr_formats=trace`).
+    #[arg(long, global = true, env = "DVCR_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Detect a disk image's format, virtual size, compression and cdrom flag.
+    ///
+    /// Reads a file (only its headers, unless it is compressed), standard input (`-`) or an
+    /// http(s) URL (one streaming pass). Refuses unsafe images (backing files, encryption,
+    /// external data, damaged tables) with an explanation and exit code 1.
+    Inspect(inspect::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Inspect(args) => inspect::run(&args),
+    }
+}

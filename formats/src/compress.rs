@@ -57,7 +57,8 @@ impl fmt::Display for Compression {
 /// whose first sector happens to start with `1f 8b` is not taken for gzip.
 pub fn detect(head: &[u8]) -> Option<Compression> {
     // gzip: ID1 ID2, CM = 8 (deflate), reserved FLG bits clear.
-    if head.len() >= 4 && head[0] == 0x1f && head[1] == 0x8b && head[2] == 8 && head[3] & 0xe0 == 0 {
+    if head.len() >= 4 && head[0] == 0x1f && head[1] == 0x8b && head[2] == 8 && head[3] & 0xe0 == 0
+    {
         return Some(Compression::Gzip);
     }
     if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
@@ -105,7 +106,11 @@ impl<R: Read> Prefixed<R> {
             }
         }
         prefix.truncate(filled);
-        Ok(Self { prefix, pos: 0, inner })
+        Ok(Self {
+            prefix,
+            pos: 0,
+            inner,
+        })
     }
 
     /// The peeked bytes.
@@ -153,7 +158,10 @@ struct FailingReader(Option<io::Error>);
 
 impl Read for FailingReader {
     fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-        Err(self.0.take().unwrap_or_else(|| io::Error::other("decoder unavailable")))
+        Err(self
+            .0
+            .take()
+            .unwrap_or_else(|| io::Error::other("decoder unavailable")))
     }
 }
 
@@ -161,7 +169,8 @@ impl Read for FailingReader {
 /// innermost stream with the peeked bytes still unread, plus the wrappers found.
 pub fn unwrap(reader: BoxRead) -> Result<(Prefixed<BoxRead>, Vec<Compression>)> {
     let mut chain = Vec::new();
-    let mut current = Prefixed::peek(reader, MAGIC_LEN).map_err(|e| Error::io("reading the image", e))?;
+    let mut current =
+        Prefixed::peek(reader, MAGIC_LEN).map_err(|e| Error::io("reading the image", e))?;
     while let Some(c) = detect(current.peeked()) {
         if chain.len() == MAX_NESTING {
             return Err(err!(
@@ -171,8 +180,7 @@ pub fn unwrap(reader: BoxRead) -> Result<(Prefixed<BoxRead>, Vec<Compression>)> 
         }
         chain.push(c);
         let inner = decoder(c, Box::new(current));
-        current = Prefixed::peek(inner, MAGIC_LEN)
-            .map_err(|e| decompress_error(&chain, e))?;
+        current = Prefixed::peek(inner, MAGIC_LEN).map_err(|e| decompress_error(&chain, e))?;
     }
     Ok((current, chain))
 }
@@ -195,15 +203,28 @@ mod tests {
     #[test]
     fn detect_names_every_wrapper_by_its_magic() {
         assert_eq!(detect(&[0x1f, 0x8b, 8, 0, 0, 0]), Some(Compression::Gzip));
-        assert_eq!(detect(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0]), Some(Compression::Xz));
-        assert_eq!(detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Some(Compression::Zstd));
-        assert_eq!(detect(&[0x5a, 0x2a, 0x4d, 0x18, 0]), Some(Compression::Zstd));
+        assert_eq!(
+            detect(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0]),
+            Some(Compression::Xz)
+        );
+        assert_eq!(
+            detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            detect(&[0x5a, 0x2a, 0x4d, 0x18, 0]),
+            Some(Compression::Zstd)
+        );
         assert_eq!(detect(b"BZh91AY&SY"), Some(Compression::Bzip2));
     }
 
     #[test]
     fn detect_treats_near_misses_as_uncompressed() {
-        assert_eq!(detect(&[0x1f, 0x8b, 7, 0]), None, "gzip with a method other than deflate");
+        assert_eq!(
+            detect(&[0x1f, 0x8b, 7, 0]),
+            None,
+            "gzip with a method other than deflate"
+        );
         assert_eq!(detect(b"BZh0"), None);
         assert_eq!(detect(b"BZh9notpi!"), None);
         assert_eq!(detect(b"QFI\xfb"), None);
@@ -230,7 +251,9 @@ mod tests {
         let message = match result {
             Ok((mut r, _)) => {
                 let mut sink = Vec::new();
-                r.read_to_end(&mut sink).map(|_| String::new()).unwrap_or_else(|e| e.to_string())
+                r.read_to_end(&mut sink)
+                    .map(|_| String::new())
+                    .unwrap_or_else(|e| e.to_string())
             }
             Err(e) => e.to_string(),
         };

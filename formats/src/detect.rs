@@ -42,9 +42,16 @@ pub fn detect(view: &dyn View) -> Result<ImageInfo> {
     Ok(raw(view.len(), &head))
 }
 
-/// A raw image: its virtual size is its length. Partition tables are reported as hints.
+/// The virtual size of raw bytes: the length rounded up to whole 512-byte sectors, as QEMU
+/// presents a raw file to a guest (and as `qemu-img info` reports it).
+pub fn raw_virtual_size(len: u64) -> u64 {
+    len.div_ceil(512).saturating_mul(512)
+}
+
+/// A raw image: its virtual size is its length in whole sectors. Partition tables are
+/// reported as hints.
 fn raw(len: u64, head: &[u8]) -> ImageInfo {
-    let info = ImageInfo::new(Format::Raw, len);
+    let info = ImageInfo::new(Format::Raw, raw_virtual_size(len));
     if head.get(512..520) == Some(b"EFI PART") {
         info.with("partition-table", "gpt")
     } else if head.get(510..512) == Some(&[0x55, 0xaa]) {
@@ -60,10 +67,13 @@ mod tests {
     use crate::view::SliceView;
 
     #[test]
-    fn detect_treats_unknown_bytes_as_raw_of_their_length() {
+    fn detect_treats_unknown_bytes_as_raw_rounded_up_to_whole_sectors() {
         let data = vec![7u8; 3000];
         let info = detect(&SliceView(&data)).map_err(|e| e.to_string());
-        assert_eq!(info.as_ref().map(|i| (i.format, i.virtual_size)), Ok((Format::Raw, 3000)));
+        assert_eq!(
+            info.as_ref().map(|i| (i.format, i.virtual_size)),
+            Ok((Format::Raw, 3072))
+        );
     }
 
     #[test]
@@ -78,7 +88,9 @@ mod tests {
 
     #[test]
     fn detect_accepts_an_empty_image_as_raw() {
-        let info = detect(&SliceView(&[])).ok().map(|i| (i.format, i.virtual_size));
+        let info = detect(&SliceView(&[]))
+            .ok()
+            .map(|i| (i.format, i.virtual_size));
         assert_eq!(info, Some((Format::Raw, 0)));
     }
 }

@@ -55,12 +55,22 @@ impl fmt::Display for Error {
 impl Error {
     /// An error of `kind` with a message for the user.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), pending: None, source: None }
+        Self {
+            kind,
+            message: message.into(),
+            pending: None,
+            source: None,
+        }
     }
 
     /// A read failure, with what was being read.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Self { kind: ErrorKind::Io, message: context.into(), pending: None, source: Some(source) }
+        Self {
+            kind: ErrorKind::Io,
+            message: context.into(),
+            pending: None,
+            source: Some(source),
+        }
     }
 
     pub(crate) fn pending(offset: u64, len: usize) -> Self {

@@ -2,7 +2,7 @@
 //!
 //! `qemu-img` sees an ISO as raw; the platform needs to know it is one, because an ISO is
 //! attached as a CD-ROM (`cdrom: true`) and can never become a VirtualDisk. The virtual size
-//! is the byte length, as qemu reports it; the volume size the primary descriptor declares is
+//! is the byte length in whole sectors, as qemu reports it; the volume size the primary descriptor declares is
 //! reported as a detail and must fit in the image.
 
 use crate::error::{Result, err};
@@ -24,14 +24,25 @@ fn identifier(head: &[u8], index: usize) -> Option<&[u8]> {
 
 /// Whether the first bytes hold an ISO 9660 primary descriptor or UDF recognition area.
 pub(crate) fn matches(head: &[u8]) -> bool {
-    (0..DESCRIPTORS).any(|i| matches!(identifier(head, i), Some(b"CD001" | b"BEA01" | b"NSR02" | b"NSR03")))
+    (0..DESCRIPTORS).any(|i| {
+        matches!(
+            identifier(head, i),
+            Some(b"CD001" | b"BEA01" | b"NSR02" | b"NSR03")
+        )
+    })
 }
 
 /// Validates an ISO image and reports its volume facts.
 pub fn probe(view: &dyn View) -> Result<ImageInfo> {
-    let area = view.read(0, FIRST_DESCRIPTOR + DESCRIPTORS * SECTOR, "the ISO volume descriptors")
-        .or_else(|_| view.read(0, FIRST_DESCRIPTOR + SECTOR, "the ISO primary volume descriptor"))?;
-    let ids: Vec<&[u8]> = (0..DESCRIPTORS).filter_map(|i| identifier(&area, i)).collect();
+    // The recognition area may be cut short by the end of a tiny image; never ask past it.
+    let wanted = (FIRST_DESCRIPTOR + DESCRIPTORS * SECTOR) as u64;
+    let area_len = wanted
+        .min(view.len())
+        .max((FIRST_DESCRIPTOR + SECTOR) as u64) as usize;
+    let area = view.read(0, area_len, "the ISO volume descriptors")?;
+    let ids: Vec<&[u8]> = (0..DESCRIPTORS)
+        .filter_map(|i| identifier(&area, i))
+        .collect();
     let iso9660 = ids.first() == Some(&&b"CD001"[..]);
     let udf = ids.iter().any(|id| matches!(*id, b"NSR02" | b"NSR03"));
     let filesystem = match (iso9660, udf) {
@@ -39,9 +50,13 @@ pub fn probe(view: &dyn View) -> Result<ImageInfo> {
         (true, false) => "iso9660",
         _ => "udf",
     };
-    let mut info = ImageInfo::new(Format::Iso, view.len()).with("filesystem", filesystem);
+    let mut info = ImageInfo::new(Format::Iso, crate::detect::raw_virtual_size(view.len()))
+        .with("filesystem", filesystem);
     if iso9660 {
-        let pvd = Fields::new(&area[FIRST_DESCRIPTOR..FIRST_DESCRIPTOR + SECTOR], "ISO primary volume descriptor");
+        let pvd = Fields::new(
+            &area[FIRST_DESCRIPTOR..FIRST_DESCRIPTOR + SECTOR],
+            "ISO primary volume descriptor",
+        );
         if pvd.u8(0)? != 1 {
             return Err(err!(
                 InvalidFormat,
@@ -64,8 +79,16 @@ pub fn probe(view: &dyn View) -> Result<ImageInfo> {
                 view.len()
             ));
         }
-        let label = String::from_utf8_lossy(pvd.slice(40, 32)?).trim_end().to_owned();
+        let label = String::from_utf8_lossy(pvd.slice(40, 32)?)
+            .trim_end()
+            .to_owned();
         info = info.with("volume-size", volume).with("label", label);
     }
     Ok(info)
+}
+
+/// Runs the probe over arbitrary bytes, for the fuzz target.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    let _ = probe(&crate::view::SliceView(data));
 }

