@@ -8,15 +8,23 @@
 //! - [`probe`] runs detection over a single pass of a stream (keeping only the few
 //!   metadata ranges a parser asks for) or over random access to a file.
 //!
+//! - [`decode`] turns an image stream into guest data in one pass ([`stream`] in, [`sink`]
+//!   out), with one decoder per format beside its header parser;
+//! - [`sparse`] writes that data to a sparse file, a block device or a qcow2 file.
+//!
 //! Every length, offset and count read from an image is checked before it is used; a bad
 //! image ends in an [`Error`] whose message says what is wrong and what to do.
 
 pub mod compress;
+pub mod decode;
 pub mod detect;
 pub mod error;
 pub mod iso;
 pub mod probe;
 pub mod qcow2;
+pub mod sink;
+pub mod sparse;
+pub mod stream;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
@@ -27,8 +35,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use compress::Compression;
+pub use decode::{Decoded, Options, decode};
 pub use error::{Error, ErrorKind, Result};
 pub use probe::{Probed, StreamProbe, probe_path, probe_path_with, probe_reader};
+pub use sink::{Output, Sink};
 pub use view::{FileView, SliceView, View};
 
 /// The largest virtual size any probe accepts: 64 PiB. Far beyond any real VM disk, and low

@@ -185,3 +185,101 @@ pub fn patch(path: &Path, offset: u64, bytes: &[u8]) {
         .expect("opening for a patch");
     f.write_all_at(bytes, offset).expect("patching");
 }
+
+/// How a test feeds an image to the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// The file, with random access available to the decoder.
+    File,
+    /// The same bytes as a forward-only stream (as from standard input or HTTP).
+    Stream,
+}
+
+/// Decodes `image` with `dvcr-formats` into a sparse raw file and returns the decode
+/// summary and the raw file's path.
+pub fn decode_to_raw(
+    scratch: &Scratch,
+    image: &Path,
+    feed: Feed,
+    opts: &dvcr_formats::Options,
+) -> dvcr_formats::Result<(dvcr_formats::Decoded, PathBuf)> {
+    use dvcr_formats::sparse::{DiskWriter, TargetOptions};
+    let out = scratch.path(&format!(
+        "{}.{feed:?}.raw",
+        image
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("image")
+    ));
+    let writer = DiskWriter::create(&out, TargetOptions::default())?;
+    let file = fs::File::open(image).expect("opening the image");
+    let random = match feed {
+        Feed::File => {
+            let len = file.metadata().expect("image metadata").len();
+            Some(dvcr_formats::FileView::new(
+                file.try_clone().expect("cloning the file handle"),
+                len,
+            ))
+        }
+        Feed::Stream => None,
+    };
+    let decoded = dvcr_formats::decode(Box::new(file), random, &writer, opts)?;
+    writer.finish()?;
+    Ok((decoded, out))
+}
+
+/// Asserts that `qemu-img compare` finds `raw` identical to `image` read as `format`, and
+/// that the raw file is exactly the virtual size qemu reports.
+pub fn assert_same_as_qemu(image: &Path, format: &str, raw: &Path) {
+    let (_, size) = qemu_info(image, Some(format));
+    let raw_len = fs::metadata(raw).expect("raw output metadata").len();
+    assert_eq!(
+        raw_len,
+        size,
+        "{} decoded to {raw_len} bytes, qemu says {size}",
+        image.display()
+    );
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", format, "-F", "raw"])
+        .arg(image)
+        .arg(raw)
+        .output()
+        .expect("running qemu-img compare");
+    assert!(
+        out.status.success(),
+        "qemu-img compare says {} differs from its decoded copy: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Decodes `image` from a file and from a stream, and checks both against qemu.
+pub fn decodes_like_qemu(scratch: &Scratch, image: &Path, format: &str) -> dvcr_formats::Decoded {
+    let mut last = None;
+    for feed in [Feed::File, Feed::Stream] {
+        let (decoded, raw) = decode_to_raw(scratch, image, feed, &dvcr_formats::Options::default())
+            .unwrap_or_else(|e| panic!("decoding {} ({feed:?}) failed: {e}", image.display()));
+        assert_same_as_qemu(image, format, &raw);
+        fs::remove_file(&raw).ok();
+        last = Some(decoded);
+    }
+    last.expect("decoded")
+}
+
+/// A raw file of `size` bytes with incompressible data, a compressible run and zero runs at
+/// spread offsets: the usual source for `qemu-img convert` fixtures.
+pub fn mixed_raw(scratch: &Scratch, name: &str, size: usize) -> PathBuf {
+    let mut data = vec![0u8; size];
+    let noise_len = (size / 8).max(1);
+    let n = noise(noise_len, 11);
+    data[..noise_len].copy_from_slice(&n);
+    let mid = size / 2;
+    let run_end = (mid + size / 16).min(size);
+    data[mid..run_end].fill(0x42);
+    // A lone non-zero sector near the end, after a long zero run.
+    if size >= 4096 {
+        data[size - 3000] = 0x99;
+    }
+    write(scratch, name, &data)
+}

@@ -15,6 +15,8 @@
 //! because a single-pass stream probe can only keep a range that is still ahead of it. The BAT
 //! itself is not read here; [`Layout`] says where it is and how many entries it must hold.
 
+pub mod decode;
+
 use std::fmt;
 
 use crate::error::{Result, err};

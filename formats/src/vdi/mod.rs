@@ -13,6 +13,8 @@
 //! disk) and go further: image types that need a parent are refused, the block map and the
 //! allocated blocks must lie inside the file, and every map entry must name an allocated block.
 
+pub mod decode;
+
 use crate::error::{Result, err};
 use crate::view::{Fields, View};
 use crate::{Format, ImageInfo, MAX_VIRTUAL_SIZE};

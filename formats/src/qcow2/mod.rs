@@ -7,6 +7,8 @@
 //! every table the header points at against the image's length and sane limits before any
 //! later stage trusts it. The single-pass decoder builds on [`Header`].
 
+pub mod decode;
+
 use crate::error::{Result, err};
 use crate::view::{Fields, View};
 use crate::{Format, ImageInfo, MAX_VIRTUAL_SIZE};

@@ -17,6 +17,8 @@
 //! intact, tables and descriptor inside the file) so that a later decoder can trust what the
 //! probe accepted.
 
+pub mod decode;
+
 use crate::error::{Result, err};
 use crate::view::{Fields, SliceView, View};
 use crate::{Format, ImageInfo, MAX_VIRTUAL_SIZE};

@@ -14,6 +14,8 @@
 //! maximum 65535/16/255; otherwise the footer's current size, rounded down to whole sectors.
 //! qemu refuses disks over 2040 GiB, and so does this module.
 
+pub mod decode;
+
 use crate::error::{Result, err};
 use crate::view::{Fields, View};
 use crate::{Format, ImageInfo, MAX_VIRTUAL_SIZE};

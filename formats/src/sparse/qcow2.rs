@@ -1,0 +1,1 @@
+//! A qcow2 target writer (not written yet).

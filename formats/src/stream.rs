@@ -1,0 +1,483 @@
+//! The decoders' input: an image read once, forwards, from a possibly non-seekable stream.
+//!
+//! A [`Stream`] hands out the image's bytes in order and remembers nothing of them, except a
+//! *head*: the first bytes, which a decoder asks to keep while it parses headers and tables
+//! that the format puts at the start (qcow2's header cluster, a VDI block map, a VHD BAT...).
+//! [`Stream::parse_head`] runs one of the header parsers of this crate over the head and,
+//! when the parser asks for bytes further on, reads forward into the head (up to
+//! [`MAX_HEAD`]) and runs it again. Data is then read on from where the decoder is: bytes still
+//! in the head are served from it, later ones straight from the source into the caller's
+//! buffer, with no copy.
+//!
+//! Reading on a separate thread ([`ReadAhead`]) lets decompression of a wrapper (`.gz`,
+//! `.xz`) run on one core while decoding and writing run on the other.
+
+use std::borrow::Cow;
+use std::io::{self, Read};
+use std::sync::mpsc;
+use std::thread;
+
+use crate::compress::{self, BoxRead, Compression};
+use crate::error::{Error, ErrorKind, Result, err};
+use crate::view::{View, check_range};
+
+/// The most bytes a decoder may keep as head while parsing metadata at the start of an
+/// image: VHDX puts its metadata at 2-3 MiB; VDI maps and VHD BATs of the largest disks
+/// qemu accepts fit too.
+pub const MAX_HEAD: usize = 64 << 20;
+
+/// An image read once from start to end. See the module docs.
+pub struct Stream {
+    inner: BoxRead,
+    compression: Vec<Compression>,
+    /// Bytes `0..head.len()` of the image, kept for parsing.
+    head: Vec<u8>,
+    /// Whether `head` has been given up (after [`Stream::release_head`]).
+    released: bool,
+    /// The next byte a decoder reads.
+    pos: u64,
+    /// Bytes pulled from `inner` so far.
+    pulled: u64,
+    /// `inner` reported its end.
+    eof: bool,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("compression", &self.compression)
+            .field("head", &self.head.len())
+            .field("pos", &self.pos)
+            .field("pulled", &self.pulled)
+            .field("eof", &self.eof)
+            .finish()
+    }
+}
+
+impl Stream {
+    /// A stream over the image bytes `inner` (already unwrapped from `compression`, which is
+    /// only used to name the wrapper when reading fails).
+    pub fn new(inner: BoxRead, compression: Vec<Compression>) -> Self {
+        Self {
+            inner,
+            compression,
+            head: Vec::new(),
+            released: false,
+            pos: 0,
+            pulled: 0,
+            eof: false,
+        }
+    }
+
+    /// The compression wrappers around the image, outermost first.
+    pub fn compression(&self) -> &[Compression] {
+        &self.compression
+    }
+
+    /// The offset of the next byte [`Stream::read`] returns.
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Whether the image has ended and every byte was read.
+    pub fn at_end(&self) -> bool {
+        self.eof && self.pos == self.pulled
+    }
+
+    /// Reads from the source, mapping decoder failures to a message naming the wrapper.
+    fn pull(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.eof || buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.inner.read(buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(0);
+                }
+                Ok(n) => {
+                    self.pulled += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if self.compression.is_empty() => {
+                    return Err(Error::io("reading the image", e));
+                }
+                Err(e) => return Err(compress::decompress_error(&self.compression, e)),
+            }
+        }
+    }
+
+    /// Makes the head hold at least the first `len` bytes (fewer only when the image is
+    /// shorter). Only possible before data past the head has been read.
+    pub fn fill_head(&mut self, len: usize) -> Result<&[u8]> {
+        if len > MAX_HEAD {
+            return Err(err!(
+                NeedsRandomAccess,
+                "the image keeps metadata {len} bytes into the file, beyond the {MAX_HEAD} bytes a \
+                 single pass keeps; give the uncompressed file itself (random access) instead of a stream"
+            ));
+        }
+        if self.released || self.pulled > self.head.len() as u64 {
+            return Err(err!(
+                NeedsRandomAccess,
+                "the decoder needs the first {len} bytes again after the stream moved past them"
+            ));
+        }
+        let mut head = std::mem::take(&mut self.head);
+        let result = (|| {
+            while head.len() < len && !self.eof {
+                let have = head.len();
+                // Grow geometrically so that a series of small asks costs few reads.
+                let want = len.max(have.saturating_mul(2)).clamp(64 << 10, MAX_HEAD);
+                head.resize(want, 0);
+                let n = self.pull(&mut head[have..]);
+                head.truncate(have + *n.as_ref().unwrap_or(&0));
+                n?;
+            }
+            Ok(())
+        })();
+        self.head = head;
+        result?;
+        Ok(&self.head[..len.min(self.head.len())])
+    }
+
+    /// Runs `parse` over the head, reading further into it whenever the parser asks for bytes
+    /// not read yet (up to [`MAX_HEAD`]). The parser sees an unknown length until the image
+    /// has ended, exactly as the streaming probe shows it.
+    pub fn parse_head<T>(&mut self, parse: impl Fn(&dyn View) -> Result<T>) -> Result<T> {
+        loop {
+            let view = HeadView {
+                head: &self.head,
+                len: self.eof.then_some(self.pulled),
+            };
+            match parse(&view) {
+                Err(e) if e.kind() == ErrorKind::Pending => {
+                    let (offset, want) = e.pending_range().unwrap_or((0, 0));
+                    let end = offset
+                        .checked_add(want as u64)
+                        .and_then(|e| usize::try_from(e).ok())
+                        .unwrap_or(usize::MAX);
+                    let before = self.head.len();
+                    self.fill_head(end)?;
+                    if self.head.len() == before && !self.eof {
+                        return Err(err!(
+                            NeedsRandomAccess,
+                            "the image's metadata cannot be read in one pass"
+                        ));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The head kept so far.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Gives up the head: bytes before the current position can no longer be read.
+    pub fn release_head(&mut self) {
+        if self.pos >= self.head.len() as u64 {
+            self.head = Vec::new();
+            self.released = true;
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes at the current position; 0 only at the end.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.pos < self.head.len() as u64 && !self.released {
+            let from = self.pos as usize;
+            let n = buf.len().min(self.head.len() - from);
+            buf[..n].copy_from_slice(&self.head[from..from + n]);
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let n = self.pull(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    /// Fills `buf` as far as the image goes; returns how many bytes that was.
+    pub fn read_full(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = self.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        Ok(filled)
+    }
+
+    /// Reads exactly `buf.len()` bytes; the image ending first is a [`ErrorKind::Truncated`]
+    /// error naming `what` was being read.
+    pub fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        let at = self.pos;
+        let n = self.read_full(buf)?;
+        if n < buf.len() {
+            return Err(err!(
+                Truncated,
+                "the image is truncated: it ends at byte {} inside {what} (bytes {at}..{}); download it again",
+                at + n as u64,
+                at + buf.len() as u64
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and discards bytes up to `offset`. Going backwards is impossible in one pass:
+    /// that is a [`ErrorKind::NeedsRandomAccess`] error naming `what` lies there.
+    pub fn skip_to(&mut self, offset: u64, what: &str) -> Result<()> {
+        if offset < self.pos {
+            return Err(err!(
+                NeedsRandomAccess,
+                "{what} lies at byte {offset}, which a single pass over the stream has already passed \
+                 (now at {}); give the uncompressed file itself (random access) instead of a stream",
+                self.pos
+            ));
+        }
+        let mut scratch = vec![0u8; (offset - self.pos).min(1 << 20) as usize];
+        while self.pos < offset {
+            let want = ((offset - self.pos) as usize).min(scratch.len());
+            let n = self.read(&mut scratch[..want])?;
+            if n == 0 {
+                return Err(err!(
+                    Truncated,
+                    "the image is truncated: it ends at byte {} before {what} at byte {offset}; download it again",
+                    self.pos
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads to the end, discarding; returns how many bytes that was.
+    pub fn drain(&mut self) -> Result<u64> {
+        let mut scratch = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = self.read(&mut scratch)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+        }
+    }
+}
+
+/// The head of a [`Stream`] as a [`View`]: bytes beyond it are "not read yet" until the image
+/// has ended, after which they are past the end.
+#[derive(Debug)]
+pub struct HeadView<'a> {
+    head: &'a [u8],
+    len: Option<u64>,
+}
+
+impl<'a> HeadView<'a> {
+    /// A view over `head`; `len` is the image's length once known.
+    pub fn new(head: &'a [u8], len: Option<u64>) -> Self {
+        Self { head, len }
+    }
+}
+
+impl View for HeadView<'_> {
+    fn len(&self) -> u64 {
+        self.len.unwrap_or(u64::MAX)
+    }
+
+    fn read(&self, offset: u64, len: usize, what: &str) -> Result<Cow<'_, [u8]>> {
+        check_range(self.len(), offset, len, what)?;
+        let end = offset + len as u64;
+        if end <= self.head.len() as u64 {
+            return Ok(Cow::Borrowed(&self.head[offset as usize..end as usize]));
+        }
+        Err(Error::pending(offset, len))
+    }
+}
+
+/// A reader that pulls from its source on a thread of its own, a few large chunks ahead, so
+/// that decompressing a wrapper and decoding the image use two cores.
+pub struct ReadAhead {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    recycle: mpsc::SyncSender<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+/// Chunk size of [`ReadAhead`].
+const AHEAD_CHUNK: usize = 1 << 20;
+/// Chunks in flight.
+const AHEAD_DEPTH: usize = 4;
+
+impl ReadAhead {
+    /// Starts reading `inner` on a new thread.
+    pub fn new(mut inner: BoxRead) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(AHEAD_DEPTH);
+        let (recycle, spare) = mpsc::sync_channel::<Vec<u8>>(AHEAD_DEPTH + 2);
+        let spawned = thread::Builder::new()
+            .name("dvcr-read-ahead".into())
+            .spawn(move || {
+                loop {
+                    let mut buf = spare
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(AHEAD_CHUNK));
+                    buf.resize(AHEAD_CHUNK, 0);
+                    let mut filled = 0;
+                    let result = loop {
+                        match inner.read(&mut buf[filled..]) {
+                            Ok(0) => break Ok(()),
+                            Ok(n) => {
+                                filled += n;
+                                if filled == buf.len() {
+                                    break Ok(());
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    buf.truncate(filled);
+                    let end = filled == 0;
+                    if filled > 0 && tx.send(Ok(buf)).is_err() {
+                        return;
+                    }
+                    if let Err(e) = result {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    if end {
+                        return;
+                    }
+                }
+            });
+        let (rx, done) = match spawned {
+            Ok(_) => (rx, false),
+            Err(e) => {
+                // No thread: report it on the first read.
+                let (tx, rx) = mpsc::sync_channel(1);
+                let _ = tx.send(Err(e));
+                (rx, false)
+            }
+        };
+        Self {
+            rx,
+            recycle,
+            current: Vec::new(),
+            at: 0,
+            done,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(next)) => {
+                    let old = std::mem::replace(&mut self.current, next);
+                    let _ = self.recycle.try_send(old);
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::Fields;
+
+    fn stream(data: Vec<u8>) -> Stream {
+        Stream::new(Box::new(io::Cursor::new(data)), Vec::new())
+    }
+
+    #[test]
+    fn parse_head_reads_forward_until_the_parser_is_satisfied() {
+        let mut data = vec![0u8; 3 << 20];
+        data[0..8].copy_from_slice(&(2u64 << 20).to_be_bytes());
+        data[2 << 20] = 0x77;
+        let mut s = stream(data);
+        let got = s.parse_head(|view| {
+            let head = view.read(0, 8, "pointer")?;
+            let at = Fields::new(&head, "pointer").u64_be(0)?;
+            Ok(view.read(at, 1, "target")?[0])
+        });
+        assert_eq!(got.ok(), Some(0x77));
+        assert!(s.head().len() > 2 << 20);
+    }
+
+    #[test]
+    fn reads_after_parsing_replay_the_head_then_continue_from_the_source() {
+        let data: Vec<u8> = (0..500_000u32).map(|i| (i % 249) as u8).collect();
+        let mut s = stream(data.clone());
+        s.fill_head(100_000).map(|_| ()).ok();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 77_777];
+        loop {
+            let n = s.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(out, data);
+        assert!(s.at_end());
+    }
+
+    #[test]
+    fn skipping_backwards_is_refused_as_needing_random_access() {
+        let mut s = stream(vec![1u8; 10_000]);
+        let mut buf = [0u8; 5000];
+        s.read_exact(&mut buf, "data").ok();
+        let kind = s.skip_to(100, "a table").err().map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::NeedsRandomAccess));
+    }
+
+    #[test]
+    fn a_short_stream_is_truncated_not_a_panic() {
+        let mut s = stream(vec![1u8; 100]);
+        let mut buf = [0u8; 200];
+        let kind = s.read_exact(&mut buf, "the header").err().map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::Truncated));
+        let mut s = stream(vec![1u8; 100]);
+        let kind = s.skip_to(1000, "a table").err().map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::Truncated));
+    }
+
+    #[test]
+    fn read_ahead_delivers_every_byte_in_order() {
+        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
+        let mut r = ReadAhead::new(Box::new(io::Cursor::new(data.clone())));
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).ok();
+        assert_eq!(out, data);
+    }
+}

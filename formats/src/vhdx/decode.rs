@@ -1,0 +1,13 @@
+//! Single-pass decoding of vhdx images (not written yet).
+
+use crate::ImageInfo;
+use crate::decode::Job;
+use crate::error::{Result, err};
+
+/// Decodes the vhdx image in `job`'s stream into its output.
+pub fn decode(_job: &mut Job<'_>) -> Result<ImageInfo> {
+    Err(err!(
+        Unsupported,
+        "decoding vhdx images is not implemented yet"
+    ))
+}
