@@ -1,14 +1,13 @@
 //! `dvcr inspect`: what is this image? Human output by default, one JSON object with
 //! `--json` (on success and on refusal, so scripts always get something to parse).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use dvcr_formats::{Error as FormatError, ErrorKind, Probed, probe_path_with, probe_reader};
+use dvcr_formats::{Error as FormatError, Probed, probe_path_with, probe_reader};
 use dvcr_importer::source::{self, Location};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+
+use crate::ui::{bar_style, binary_size, chain, error_kind, progress_bar};
 
 /// Arguments of `dvcr inspect`.
 #[derive(Debug, clap::Args)]
@@ -56,16 +55,7 @@ impl Failed {
     fn kind(&self) -> &'static str {
         match self {
             Failed::Source(_) => "source",
-            Failed::Image(e) => match e.kind() {
-                ErrorKind::Io => "io",
-                ErrorKind::InvalidFormat => "invalid-format",
-                ErrorKind::Unsupported => "unsupported",
-                ErrorKind::Corrupt => "corrupt",
-                ErrorKind::OutOfBounds => "out-of-bounds",
-                ErrorKind::Truncated => "truncated",
-                ErrorKind::NeedsRandomAccess => "needs-random-access",
-                _ => "other",
-            },
+            Failed::Image(e) => error_kind(e.kind()),
         }
     }
 }
@@ -96,21 +86,6 @@ pub fn run(args: &Args) -> ExitCode {
     }
 }
 
-/// The error and its causes in one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
-
 fn probe(spec: &str) -> Result<Probed, Failed> {
     let progress = progress_bar();
     let result = match Location::parse(spec)? {
@@ -127,27 +102,6 @@ fn probe(spec: &str) -> Result<Probed, Failed> {
     };
     progress.finish_and_clear();
     Ok(result)
-}
-
-/// A spinner on a terminal (stderr) that counts bytes read; invisible otherwise.
-fn progress_bar() -> ProgressBar {
-    let target = if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = ProgressBar::with_draw_target(None, target);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} reading {bytes} ({bytes_per_sec})")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
-}
-
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 fn json(p: &Probed) -> String {
@@ -196,38 +150,4 @@ fn human(p: &Probed) -> String {
         out.push_str(&format!("{:<18}{}\n", format!("{key}:"), value));
     }
     out
-}
-
-/// `10 GiB`, `1.5 MiB`, `512 B`.
-fn binary_size(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64;
-    let mut unit = "B";
-    for u in UNITS {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = u;
-    }
-    if value.fract() == 0.0 {
-        format!("{value:.0} {unit}")
-    } else {
-        format!("{value:.2} {unit}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn binary_size_prints_whole_units_without_decimals() {
-        assert_eq!(binary_size(10 << 30), "10 GiB");
-        assert_eq!(binary_size(1536 * 1024), "1.50 MiB");
-        assert_eq!(binary_size(512), "512 B");
-    }
 }

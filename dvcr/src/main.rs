@@ -1,10 +1,12 @@
 //! The `dvcr` command: one binary for every job of the project.
 //!
 //! Subcommands land as their issues do; today: `inspect`, which names a disk image's format,
-//! virtual size, compression and whether it is a CD-ROM, from a file, standard input or an
-//! HTTP URL, reading it at most once.
+//! virtual size, compression and whether it is a CD-ROM, and `convert`, which turns any image
+//! into a ready disk in one pass; both read a file, standard input or an HTTP URL.
 
+mod convert;
 mod inspect;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,13 @@ enum Command {
     /// http(s) URL (one streaming pass). Refuses unsafe images (backing files, encryption,
     /// external data, damaged tables) with an explanation and exit code 1.
     Inspect(inspect::Args),
+
+    /// Convert a disk image to a ready raw disk (sparse file or block device) or qcow2 file.
+    ///
+    /// Reads the source once, from a file, standard input (`-`) or an http(s) URL; unwraps
+    /// gzip/xz/zstd/bzip2; decodes qcow2, vmdk, vdi, vhd, vhdx, iso or raw on the way; writes
+    /// only non-zero data and fsyncs before it reports success.
+    Convert(convert::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +51,6 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Convert(args) => convert::run(&args),
     }
 }

@@ -21,6 +21,7 @@ pub mod detect;
 pub mod error;
 pub mod iso;
 pub mod probe;
+pub mod pending;
 pub mod qcow2;
 pub mod sink;
 pub mod sparse;

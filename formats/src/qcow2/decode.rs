@@ -1,13 +1,960 @@
-//! Single-pass decoding of qcow2 images (not written yet).
+//! Single-pass qcow2 decoding: clusters are written to the guest disk as they stream past.
+//!
+//! qcow2 maps guest clusters through two levels of tables (L1 → L2 → host cluster), and
+//! nothing forces the tables to come before the data they map: `qemu-img convert -c` writes a
+//! few compressed clusters before the L2 table that maps them, `qemu-img resize` moves the L1
+//! table after the data, and after an internal snapshot L2 tables are copied on write. So the
+//! decoder walks the image in host order, chunk by chunk, and for each chunk:
+//!
+//! 1. parses the L1 table and the wanted L2 tables that lie in it (tables found in a chunk
+//!    can point at tables in the same chunk, so this repeats until nothing new appears);
+//!    a mapping to bytes already passed is served from the [`Pending`] store, or from random
+//!    access to the file when the source is a local file;
+//! 2. writes the data clusters mapped into the chunk, in contiguous runs, and hands the
+//!    compressed clusters to a pool of decompression threads (clusters are independent);
+//! 3. keeps the bytes no known table claims in [`Pending`] (bounded memory, then scratch),
+//!    because a later table may still map them; once the L1 and every L2 table it names
+//!    have been read, nothing more can be claimed, and the store is dropped.
+//!
+//! Zero clusters, zero subclusters and unallocated clusters are never written: the target
+//! reads zero there. Every table entry is checked (alignment, range, the virtual size)
+//! before it is used; a compressed cluster that inflates to more or less than a cluster is
+//! refused.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+
+use super::{ClusterCompression, Header};
 use crate::ImageInfo;
 use crate::decode::Job;
-use crate::error::{Result, err};
+use crate::error::{Error, Result, err};
+use crate::pending::Pending;
+use crate::sink::{Output, Sink};
+use crate::view::{FileView, View};
 
-/// Decodes the qcow2 image in `job`'s stream into its output.
-pub fn decode(_job: &mut Job<'_>) -> Result<ImageInfo> {
-    Err(err!(
-        Unsupported,
-        "decoding qcow2 images is not implemented yet"
-    ))
+/// Bytes read from the stream at a time (a multiple of every cluster size, 512 B..2 MiB).
+const CHUNK: u64 = 4 << 20;
+/// Compressed bytes handed to a decompression thread at a time.
+const BATCH: usize = 1 << 20;
+/// The largest bytes a compressed cluster descriptor can span: (2^(cluster_bits-8) sectors,
+/// the most the sector field holds for 2 MiB clusters, plus one) — checked per image.
+const L2_ENTRY_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO: u64 = 1;
+
+/// Decodes the qcow2 image in `job` into its output. See the module docs.
+pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
+    let header = job.stream.parse_head(|view| super::parse(view))?;
+    let info = job.stream.parse_head(|view| super::probe(view))?;
+    job.out.set_size(header.size)?;
+    let Job {
+        stream,
+        random,
+        out,
+        opts,
+        scratch_bytes,
+    } = job;
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let threads = opts.threads.max(1);
+    let (tx, rx) = mpsc::sync_channel::<Batch>(threads * 2);
+    let rx = Mutex::new(rx);
+    let result = std::thread::scope(|scope| {
+        let out: &Output<'_, dyn Sink + '_> = &*out;
+        for _ in 0..threads {
+            let rx = &rx;
+            let failed = &failed;
+            let first_error = &first_error;
+            let header = &header;
+            scope.spawn(move || {
+                let mut inflater = Inflater::new(header);
+                loop {
+                    let batch = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(batch) = batch else { return };
+                    if failed.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Err(e) = batch.run(&mut inflater, out) {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Ok(mut slot) = first_error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+        let mut decoder = Decoder::new(&header, random.as_ref(), out, opts, tx, &failed);
+        let result = decoder.run(stream);
+        *scratch_bytes += decoder.pending.scratch_bytes();
+        // Dropping the decoder closes the channel: the threads finish the queue and stop.
+        drop(decoder);
+        result
+    });
+    if let Some(e) = first_error.lock().ok().and_then(|mut slot| slot.take()) {
+        return Err(e);
+    }
+    result?;
+    Ok(info)
+}
+
+/// A run of contiguous data clusters ahead in the stream: host bytes `host..host+len` are
+/// guest bytes `guest..guest+len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    guest: u64,
+    len: u64,
+    /// Part of it was already read: the image ended inside it (the rest reads zero).
+    started: bool,
+}
+
+/// A compressed cluster: at most `max_len` bytes from its host offset inflate to one
+/// cluster, of which `out_len` bytes (less at the end of the disk) go to `guest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Compressed {
+    guest: u64,
+    max_len: u64,
+    out_len: u32,
+}
+
+/// Compressed clusters for one decompression thread: their bytes back to back.
+#[derive(Debug, Default)]
+struct Batch {
+    data: Vec<u8>,
+    /// (guest offset, start in data, end in data, bytes to write)
+    items: Vec<(u64, usize, usize, u32)>,
+}
+
+impl Batch {
+    fn push(&mut self, guest: u64, bytes: &[u8], out_len: u32) {
+        let start = self.data.len();
+        self.data.extend_from_slice(bytes);
+        self.items.push((guest, start, self.data.len(), out_len));
+    }
+
+    fn run(&self, inflater: &mut Inflater, out: &Output<'_, dyn Sink + '_>) -> Result<()> {
+        for &(guest, start, end, out_len) in &self.items {
+            let cluster = inflater.inflate(&self.data[start..end], guest)?;
+            out.write(guest, &cluster[..out_len as usize])?;
+        }
+        Ok(())
+    }
+}
+
+/// A reusable decompressor for one thread.
+struct Inflater {
+    kind: ClusterCompression,
+    cluster: usize,
+    deflate: flate2::Decompress,
+    zstd: Option<zstd::stream::raw::Decoder<'static>>,
+    buf: Vec<u8>,
+}
+
+impl Inflater {
+    fn new(header: &Header) -> Self {
+        let cluster = header.cluster_size() as usize;
+        Self {
+            kind: header.compression,
+            cluster,
+            deflate: flate2::Decompress::new(false),
+            zstd: None,
+            // One byte more than a cluster, to notice data that inflates past it.
+            buf: vec![0u8; cluster + 1],
+        }
+    }
+
+    /// Inflates one compressed cluster (whose descriptor may cover a few bytes more than
+    /// its stream: they are ignored, as QEMU does).
+    fn inflate(&mut self, src: &[u8], guest: u64) -> Result<&[u8]> {
+        let produced = match self.kind {
+            ClusterCompression::Deflate => {
+                self.deflate.reset(false);
+                let status = self
+                    .deflate
+                    .decompress(src, &mut self.buf, flate2::FlushDecompress::Finish);
+                if let Err(e) = status {
+                    return Err(err!(
+                        Corrupt,
+                        "the compressed qcow2 cluster for guest offset {guest} is damaged ({e}); the image is corrupt, download it again"
+                    ));
+                }
+                self.deflate.total_out() as usize
+            }
+            ClusterCompression::Zstd => self.inflate_zstd(src, guest)?,
+        };
+        if produced > self.cluster {
+            return Err(err!(
+                Corrupt,
+                "the compressed qcow2 cluster for guest offset {guest} inflates past the cluster size of {} bytes; the image is corrupt",
+                self.cluster
+            ));
+        }
+        if produced < self.cluster {
+            return Err(err!(
+                Corrupt,
+                "the compressed qcow2 cluster for guest offset {guest} inflates to {produced} bytes, less than a cluster of {}; the image is corrupt or truncated",
+                self.cluster
+            ));
+        }
+        Ok(&self.buf[..self.cluster])
+    }
+
+    fn inflate_zstd(&mut self, src: &[u8], guest: u64) -> Result<usize> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let damaged = |e: std::io::Error| {
+            err!(
+                Corrupt,
+                "the zstd-compressed qcow2 cluster for guest offset {guest} is damaged ({e}); the image is corrupt"
+            )
+        };
+        let decoder = match &mut self.zstd {
+            Some(d) => {
+                d.reinit().map_err(damaged)?;
+                d
+            }
+            None => self
+                .zstd
+                .insert(zstd::stream::raw::Decoder::new().map_err(damaged)?),
+        };
+        let mut input = InBuffer::around(src);
+        let mut output = OutBuffer::around(&mut self.buf[..]);
+        loop {
+            let (in_before, out_before) = (input.pos(), output.pos());
+            let hint = decoder.run(&mut input, &mut output).map_err(damaged)?;
+            let full = output.pos() == output.capacity();
+            let stuck = input.pos() == in_before && output.pos() == out_before;
+            if hint == 0 || full || stuck || input.pos() == src.len() {
+                break;
+            }
+        }
+        Ok(output.pos())
+    }
+}
+
+/// The decoding state. See the module docs.
+struct Decoder<'a, 'o> {
+    h: &'a Header,
+    cluster: u64,
+    random: Option<&'a FileView>,
+    out: &'a Output<'o, dyn Sink + 'o>,
+    tx: Option<mpsc::SyncSender<Batch>>,
+    batch: Batch,
+    failed: &'a AtomicBool,
+    /// The L1 table, once read; its bytes while they stream past.
+    l1: Option<Vec<u64>>,
+    l1_bytes: Vec<u8>,
+    /// L2 tables named by the L1 and not read yet: host offset -> L1 indexes naming it.
+    l2_wanted: BTreeMap<u64, Vec<u64>>,
+    /// L2 tables read, by host offset (a table the stream passes is not taken for data).
+    l2_seen: BTreeSet<u64>,
+    /// Data clusters ahead: (host offset, guest offset) -> run.
+    runs: BTreeMap<(u64, u64), Run>,
+    /// Compressed clusters ahead: (host byte offset, guest offset) -> cluster.
+    compressed: BTreeMap<(u64, u64), Compressed>,
+    /// A compressed cluster whose bytes continue into the next chunk.
+    partial: Vec<(Compressed, Vec<u8>)>,
+    /// Bytes nobody has claimed yet, while a table may still claim them.
+    pending: Pending,
+    /// Where the stream is: everything before was processed.
+    pos: u64,
+}
+
+impl<'a, 'o> Decoder<'a, 'o> {
+    fn new(
+        h: &'a Header,
+        random: Option<&'a FileView>,
+        out: &'a Output<'o, dyn Sink + 'o>,
+        opts: &crate::decode::Options,
+        tx: mpsc::SyncSender<Batch>,
+        failed: &'a AtomicBool,
+    ) -> Self {
+        Self {
+            h,
+            cluster: h.cluster_size(),
+            random,
+            out,
+            tx: Some(tx),
+            batch: Batch::default(),
+            failed,
+            l1: None,
+            l1_bytes: Vec::new(),
+            l2_wanted: BTreeMap::new(),
+            l2_seen: BTreeSet::new(),
+            runs: BTreeMap::new(),
+            compressed: BTreeMap::new(),
+            partial: Vec::new(),
+            pending: Pending::new(opts.pending_memory, opts.scratch_dir.clone()),
+            pos: 0,
+        }
+    }
+
+    /// Whether bytes not claimed by now may still be claimed by a table read later.
+    fn may_still_claim(&self) -> bool {
+        self.l1.is_none() || !self.l2_wanted.is_empty()
+    }
+
+    fn run(&mut self, stream: &mut crate::stream::Stream) -> Result<()> {
+        if self.h.l1_size == 0 {
+            self.l1 = Some(Vec::new());
+        }
+        // With random access, tables are read directly, wherever they are.
+        if self.random.is_some() && self.h.l1_size > 0 {
+            let bytes = self.read_behind(self.h.l1_table_offset, self.l1_len(), "the L1 table")?;
+            self.parse_l1(&bytes)?;
+        }
+        let mut buf = vec![0u8; CHUNK as usize];
+        loop {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(()); // the thread's error is reported by the caller
+            }
+            let n = stream.read_full(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.chunk(&buf[..n])?;
+            self.pos += n as u64;
+            if n < buf.len() {
+                break;
+            }
+            if !self.may_still_claim()
+                && self.runs.is_empty()
+                && self.compressed.is_empty()
+                && self.partial.is_empty()
+            {
+                // Nothing more to write: the rest (refcounts, snapshots) is drained by the
+                // caller, which still reads it for byte counts and checksums.
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    fn l1_len(&self) -> usize {
+        self.h.l1_size as usize * 8
+    }
+
+    /// Processes the image bytes `chunk` at `self.pos`.
+    fn chunk(&mut self, chunk: &[u8]) -> Result<()> {
+        let start = self.pos;
+        let end = start + chunk.len() as u64;
+        // Spans of this chunk that are metadata or data (not to be kept as pending).
+        let mut claimed: Vec<(u64, u64)> = vec![(0, self.cluster.min(end))];
+
+        // 1. Tables.
+        if self.l1.is_none() {
+            let l1_start = self.h.l1_table_offset;
+            let l1_end = l1_start + self.l1_len() as u64;
+            if l1_start < end && l1_end > start {
+                let from = l1_start.max(start);
+                let to = l1_end.min(end);
+                self.l1_bytes
+                    .extend_from_slice(&chunk[(from - start) as usize..(to - start) as usize]);
+                claimed.push((from, to));
+                if to == l1_end {
+                    let bytes = std::mem::take(&mut self.l1_bytes);
+                    self.parse_l1(&bytes)?;
+                }
+            }
+        }
+        loop {
+            let here: Vec<u64> = self
+                .l2_wanted
+                .range(start..end)
+                .map(|(&k, _)| k)
+                .collect();
+            if here.is_empty() {
+                break;
+            }
+            for host in here {
+                let from = (host - start) as usize;
+                let to = from + self.cluster as usize;
+                let table = chunk.get(from..to).ok_or_else(|| {
+                    err!(
+                        Truncated,
+                        "the image is truncated inside the qcow2 L2 table at byte {host}; download it again"
+                    )
+                })?;
+                self.read_l2(host, table)?;
+            }
+        }
+        for &host in self.l2_seen.range(start..end) {
+            claimed.push((host, host + self.cluster));
+        }
+
+        // 2. Data.
+        let runs: Vec<((u64, u64), Run)> = self
+            .runs
+            .range((start, 0)..(end, 0))
+            .map(|(&k, &v)| (k, v))
+            .collect();
+        for ((host, guest), run) in runs {
+            self.runs.remove(&(host, guest));
+            let run_end = host + run.len;
+            let to = run_end.min(end);
+            let bytes = &chunk[(host - start) as usize..(to - start) as usize];
+            self.out.write(guest, bytes)?;
+            claimed.push((host, to));
+            if to < run_end {
+                let rest = to - host;
+                self.runs.insert(
+                    (to, guest + rest),
+                    Run {
+                        guest: guest + rest,
+                        len: run.len - rest,
+                        started: true,
+                    },
+                );
+            }
+        }
+        for (c, mut bytes) in std::mem::take(&mut self.partial) {
+            let want = c.max_len as usize - bytes.len();
+            let take = want.min(chunk.len());
+            bytes.extend_from_slice(&chunk[..take]);
+            claimed.push((start, start + take as u64));
+            if bytes.len() == c.max_len as usize {
+                self.submit(c, &bytes)?;
+            } else {
+                self.partial.push((c, bytes));
+            }
+        }
+        let here: Vec<((u64, u64), Compressed)> = self
+            .compressed
+            .range((start, 0)..(end, 0))
+            .map(|(&k, &v)| (k, v))
+            .collect();
+        for ((host, guest), c) in here {
+            let tail = self.claim_of_compressed(host, c.max_len);
+            claimed.push((host, tail.min(end)));
+            self.compressed.remove(&(host, guest));
+            let from = (host - start) as usize;
+            if host + c.max_len <= end {
+                let to = from + c.max_len as usize;
+                self.submit(c, &chunk[from..to])?;
+            } else {
+                self.partial.push((c, chunk[from..].to_vec()));
+            }
+        }
+
+        // 3. What nobody claimed may be claimed later.
+        if self.may_still_claim() && self.random.is_none() {
+            claimed.push((
+                self.h.refcount_table_offset,
+                self.h.refcount_table_offset
+                    + u64::from(self.h.refcount_table_clusters) * self.cluster,
+            ));
+            claimed.sort_unstable();
+            let mut at = start;
+            for (s, e) in claimed {
+                let (s, e) = (s.max(start), e.min(end));
+                if s >= e {
+                    continue;
+                }
+                if s > at {
+                    self.pending
+                        .put(at, &chunk[(at - start) as usize..(s - start) as usize])?;
+                }
+                at = at.max(e);
+            }
+            if at < end {
+                self.pending.put(at, &chunk[(at - start) as usize..])?;
+            }
+        } else {
+            self.pending.clear();
+        }
+        if self.batch.data.len() >= BATCH {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    /// How far a compressed cluster at `host` claims its bytes: its descriptor rounds its end
+    /// up to a sector, so the last sector may hold the start of the next compressed cluster.
+    /// That sector is claimed only if a known compressed cluster starts in it; otherwise it
+    /// stays pending, in case a table read later maps a cluster there.
+    fn claim_of_compressed(&self, host: u64, max_len: u64) -> u64 {
+        let end = host + max_len;
+        let last_sector = ((end - 1) & !511).max(host);
+        let next_known = self
+            .compressed
+            .range((host + 1, 0)..(end, 0))
+            .next()
+            .is_some();
+        if next_known { end } else { last_sector }
+    }
+
+    fn submit(&mut self, c: Compressed, bytes: &[u8]) -> Result<()> {
+        self.batch.push(c.guest, bytes, c.out_len);
+        if self.batch.data.len() >= BATCH {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<()> {
+        if self.batch.items.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        match &self.tx {
+            Some(tx) => tx
+                .send(batch)
+                .map_err(|_| err!(Io, "the decompression threads stopped")),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads `len` bytes the stream has passed: from random access or the pending store.
+    fn read_behind(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        if let Some(random) = self.random {
+            let file_len = random.len();
+            // The image may end inside the last data cluster: the rest reads zero.
+            let have = file_len.saturating_sub(offset).min(len as u64) as usize;
+            if have == 0 && len > 0 {
+                return Err(err!(
+                    Truncated,
+                    "the qcow2 {what} at byte {offset} lies beyond the end of the image at byte {file_len}; download it again"
+                ));
+            }
+            let mut at = 0;
+            while at < have {
+                let n = (have - at).min(crate::view::MAX_READ);
+                let bytes = random.read(offset + at as u64, n, what)?;
+                out[at..at + n].copy_from_slice(&bytes);
+                at += n;
+            }
+            return Ok(out);
+        }
+        if self.pending.read(offset, &mut out)? {
+            return Ok(out);
+        }
+        Err(err!(
+            NeedsRandomAccess,
+            "the qcow2 {what} at byte {offset} was mapped only after a single pass over the stream \
+             had used those bytes for something else; the image is unusual or damaged: \
+             give the uncompressed file itself (random access) instead of a stream"
+        ))
+    }
+
+    fn parse_l1(&mut self, bytes: &[u8]) -> Result<()> {
+        let per_l1 = self.cluster * self.h.l2_entries();
+        let mut l1 = Vec::with_capacity(bytes.len() / 8);
+        let mut wanted = Vec::new();
+        for (index, raw) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_be_bytes(raw.try_into().unwrap_or_default());
+            l1.push(entry);
+            let l2 = entry & L2_ENTRY_MASK;
+            if l2 == 0 || index as u64 * per_l1 >= self.h.size {
+                continue;
+            }
+            if !l2.is_multiple_of(self.cluster) {
+                return Err(err!(
+                    Corrupt,
+                    "the qcow2 L1 entry {index} points to an L2 table at {l2:#x}, which is not cluster-aligned; the image is damaged"
+                ));
+            }
+            wanted.push((l2, index as u64));
+        }
+        self.l1 = Some(l1);
+        for (l2, index) in wanted {
+            if l2 < self.pos || self.random.is_some() {
+                let table = self.read_behind(l2, self.cluster as usize, "L2 table")?;
+                self.parse_l2(index, &table)?;
+                self.l2_seen.insert(l2);
+            } else {
+                self.l2_wanted.entry(l2).or_default().push(index);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_l2(&mut self, host: u64, table: &[u8]) -> Result<()> {
+        let indexes = self.l2_wanted.remove(&host).unwrap_or_default();
+        for index in indexes {
+            self.parse_l2(index, table)?;
+        }
+        self.l2_seen.insert(host);
+        Ok(())
+    }
+
+    /// Registers the mappings of the L2 table for L1 entry `index`.
+    fn parse_l2(&mut self, index: u64, table: &[u8]) -> Result<()> {
+        let cluster = self.cluster;
+        let size = self.h.size;
+        let extended = self.h.extended_l2();
+        let entry_len = if extended { 16 } else { 8 };
+        let first_guest = index * cluster * self.h.l2_entries();
+        let cluster_bits = self.h.cluster_bits;
+        for (j, raw) in table.chunks_exact(entry_len).enumerate() {
+            let guest = first_guest + j as u64 * cluster;
+            if guest >= size {
+                break;
+            }
+            let entry = u64::from_be_bytes(raw[..8].try_into().unwrap_or_default());
+            let out_len = (size - guest).min(cluster);
+            if entry & COMPRESSED != 0 {
+                // Bits 0..x-1: host byte offset; x..61: additional sectors.
+                let x = 62 - (cluster_bits - 8);
+                let host = entry & ((1u64 << x) - 1);
+                let sectors = (entry >> x) & ((1u64 << (62 - x)) - 1);
+                let max_len = (sectors + 1) * 512 - (host & 511);
+                self.map_compressed(
+                    host,
+                    Compressed {
+                        guest,
+                        max_len,
+                        out_len: out_len as u32,
+                    },
+                )?;
+                continue;
+            }
+            let host = entry & L2_ENTRY_MASK;
+            if extended {
+                let bitmap = u64::from_be_bytes(raw[8..16].try_into().unwrap_or_default());
+                let alloc = bitmap as u32;
+                let zero = (bitmap >> 32) as u32;
+                if alloc & zero != 0 {
+                    return Err(err!(
+                        Corrupt,
+                        "the qcow2 extended L2 entry for guest offset {guest} marks subclusters both allocated and zero; the image is damaged"
+                    ));
+                }
+                if host == 0 {
+                    if alloc != 0 {
+                        return Err(err!(
+                            Corrupt,
+                            "the qcow2 extended L2 entry for guest offset {guest} has allocated subclusters but no host cluster; the image is damaged"
+                        ));
+                    }
+                    continue;
+                }
+                self.check_host(host, guest)?;
+                let sub = cluster / 32;
+                // Runs of allocated subclusters, each one contiguous write.
+                let mut i = 0u64;
+                while i < 32 {
+                    if alloc & (1 << i) == 0 {
+                        i += 1;
+                        continue;
+                    }
+                    let first = i;
+                    while i < 32 && alloc & (1 << i) != 0 {
+                        i += 1;
+                    }
+                    let g = guest + first * sub;
+                    if g >= size {
+                        break;
+                    }
+                    let len = ((i - first) * sub).min(size - g);
+                    self.map_data(host + first * sub, g, len)?;
+                }
+                continue;
+            }
+            if entry & ZERO != 0 || host == 0 {
+                continue;
+            }
+            self.check_host(host, guest)?;
+            self.map_data(host, guest, out_len)?;
+        }
+        Ok(())
+    }
+
+    fn check_host(&self, host: u64, guest: u64) -> Result<()> {
+        if !host.is_multiple_of(self.cluster) {
+            return Err(err!(
+                Corrupt,
+                "the qcow2 L2 entry for guest offset {guest} points to host offset {host:#x}, which is not cluster-aligned; the image is damaged"
+            ));
+        }
+        if host < self.cluster {
+            return Err(err!(
+                Corrupt,
+                "the qcow2 L2 entry for guest offset {guest} points into the image header; the image is damaged"
+            ));
+        }
+        Ok(())
+    }
+
+    fn map_data(&mut self, host: u64, guest: u64, len: u64) -> Result<()> {
+        if host < self.pos {
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(CHUNK);
+                let bytes = self.read_behind(host + at, n as usize, "data cluster")?;
+                self.out.write(guest + at, &bytes)?;
+                at += n;
+            }
+            self.pending.forget(host, len);
+            return Ok(());
+        }
+        // Extend the previous run when both sides continue it (the common case).
+        if let Some((&(h, g), run)) = self.runs.range(..(host, guest)).next_back()
+            && h + run.len == host
+            && g + run.len == guest
+            && !run.started
+        {
+            let merged = run.len + len;
+            self.runs.insert((h, g), Run { len: merged, ..*run });
+            return Ok(());
+        }
+        self.runs.insert(
+            (host, guest),
+            Run {
+                guest,
+                len,
+                started: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn map_compressed(&mut self, host: u64, c: Compressed) -> Result<()> {
+        if host < self.cluster {
+            return Err(err!(
+                Corrupt,
+                "the qcow2 compressed cluster for guest offset {} points into the image header; the image is damaged",
+                c.guest
+            ));
+        }
+        if host < self.pos {
+            let bytes = self.read_behind_compressed(host, c.max_len)?;
+            return self.submit(c, &bytes);
+        }
+        self.compressed.insert((host, c.guest), c);
+        Ok(())
+    }
+
+    /// A compressed cluster behind the stream: its descriptor may reach past the end of the
+    /// image, or past what was kept of its last sector (a neighbour claimed it), so take the
+    /// bytes that are there; the inflater tells whether they hold the whole cluster.
+    fn read_behind_compressed(&self, host: u64, max_len: u64) -> Result<Vec<u8>> {
+        if let Some(random) = self.random {
+            let len = max_len.min(random.len().saturating_sub(host));
+            return self.read_behind(host, len as usize, "compressed cluster");
+        }
+        let bytes = self.pending.read_prefix(host, max_len as usize)?;
+        if bytes.is_empty() {
+            return self.read_behind(host, max_len as usize, "compressed cluster");
+        }
+        Ok(bytes)
+    }
+
+    /// At the end of the image: everything mapped must have been seen.
+    fn finish(&mut self) -> Result<()> {
+        let end = self.pos;
+        if self.l1.is_none() {
+            return Err(err!(
+                Truncated,
+                "the qcow2 L1 table at byte {} lies beyond the end of the image at byte {end}; the image is truncated, download it again",
+                self.h.l1_table_offset
+            ));
+        }
+        if let Some((&host, _)) = self.l2_wanted.iter().next() {
+            return Err(err!(
+                Truncated,
+                "the qcow2 L2 table at byte {host} lies beyond the end of the image at byte {end}; the image is truncated, download it again"
+            ));
+        }
+        if let Some((&(host, _), _)) = self.runs.iter().find(|(_, r)| !r.started) {
+            return Err(err!(
+                Truncated,
+                "a qcow2 data cluster at byte {host} lies beyond the end of the image at byte {end}; the image is truncated, download it again"
+            ));
+        }
+        if let Some((&(host, _), _)) = self.compressed.iter().next() {
+            return Err(err!(
+                Truncated,
+                "a compressed qcow2 cluster at byte {host} lies beyond the end of the image at byte {end}; the image is truncated, download it again"
+            ));
+        }
+        // The last compressed cluster's descriptor may reach past the end of the file.
+        for (c, bytes) in std::mem::take(&mut self.partial) {
+            self.batch.push(c.guest, &bytes, c.out_len);
+        }
+        self.flush_batch()?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use crate::decode::{Options, decode as decode_any};
+    use crate::sink::MemorySink;
+    use std::io::Write;
+
+    const C: usize = 64 << 10;
+    const L1_AT: usize = 2 * C;
+    const L2_AT: usize = 3 * C;
+    const DATA_AT: usize = 4 * C;
+
+    /// A hand-made qcow2 v3 image of 1 MiB with 64 KiB clusters: refcount table at 1 C,
+    /// L1 at 2 C (one entry, pointing at the L2 at 3 C), `l2` entries, then `data` at 4 C.
+    fn image(l2: &[(usize, u64)], data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; DATA_AT];
+        b[0..4].copy_from_slice(b"QFI\xfb");
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(L1_AT as u64).to_be_bytes());
+        b[48..56].copy_from_slice(&(C as u64).to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        b[L1_AT..L1_AT + 8].copy_from_slice(&(L2_AT as u64).to_be_bytes());
+        for &(index, entry) in l2 {
+            let at = L2_AT + index * 8;
+            b[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+        }
+        b.extend_from_slice(data);
+        b
+    }
+
+    fn run(bytes: Vec<u8>) -> (Result<crate::Decoded>, MemorySink) {
+        let sink = MemorySink::new(64 << 20);
+        let r = decode_any(
+            Box::new(std::io::Cursor::new(bytes)),
+            None,
+            &sink,
+            &Options::default(),
+        );
+        (r, sink)
+    }
+
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).ok();
+        e.finish().unwrap_or_default()
+    }
+
+    fn compressed_entry(host: usize, len: usize) -> u64 {
+        let x = 62 - (16 - 8);
+        let sectors = ((host + len - 1) / 512 - host / 512) as u64;
+        COMPRESSED | (sectors << x) | host as u64
+    }
+
+    #[test]
+    fn a_hand_made_image_maps_plain_and_compressed_clusters() {
+        let plain = vec![0x5au8; C];
+        let packed = deflate(&vec![0x6bu8; C]);
+        let mut data = plain.clone();
+        data.extend_from_slice(&packed);
+        let entries = [
+            (2, DATA_AT as u64),
+            (5, compressed_entry(DATA_AT + C, packed.len())),
+        ];
+        let (r, sink) = run(image(&entries, &data));
+        assert!(r.is_ok(), "{r:?}");
+        let disk = sink.contents();
+        assert!(disk[2 * C..3 * C].iter().all(|&b| b == 0x5a));
+        assert!(disk[5 * C..6 * C].iter().all(|&b| b == 0x6b));
+        assert!(disk[..2 * C].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_compressed_cluster_that_inflates_past_a_cluster_is_refused() {
+        let packed = deflate(&vec![1u8; 2 * C]);
+        let entries = [(0, compressed_entry(DATA_AT, packed.len()))];
+        let (r, _) = run(image(&entries, &packed));
+        let e = r.err().map(|e| (e.kind(), e.to_string()));
+        assert!(
+            matches!(&e, Some((ErrorKind::Corrupt, m)) if m.contains("inflates past")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_compressed_cluster_that_inflates_short_is_refused() {
+        let packed = deflate(&vec![1u8; C / 2]);
+        let entries = [(0, compressed_entry(DATA_AT, packed.len()))];
+        let (r, _) = run(image(&entries, &packed));
+        assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    #[test]
+    fn garbage_in_a_compressed_cluster_is_refused() {
+        let garbage = vec![0xffu8; 3000];
+        let entries = [(0, compressed_entry(DATA_AT, garbage.len()))];
+        let (r, _) = run(image(&entries, &garbage));
+        assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    #[test]
+    fn a_data_cluster_inside_the_header_or_off_the_cluster_grid_is_refused() {
+        let (r, _) = run(image(&[(0, 0)], &[]));
+        assert!(r.is_ok(), "an empty entry is unallocated");
+        let (r, _) = run(image(&[(0, 512)], &[]));
+        assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    #[test]
+    fn a_data_cluster_beyond_the_end_is_reported_as_truncation() {
+        let (r, _) = run(image(&[(1, 40 * C as u64)], &[]));
+        assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::Truncated));
+    }
+
+    #[test]
+    fn an_l2_table_that_is_the_l1_table_itself_ends_without_a_panic_or_a_hang() {
+        let mut bytes = image(&[], &[0x11; C]);
+        // The L1 entry points at the L1 table: its own entry then reads as a data mapping of
+        // guest cluster 0 to the L1 cluster.
+        bytes[L1_AT..L1_AT + 8].copy_from_slice(&(L1_AT as u64).to_be_bytes());
+        let (r, sink) = run(bytes);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(sink.contents().len(), 1 << 20);
+    }
+
+    #[test]
+    fn an_l1_entry_that_is_not_cluster_aligned_is_refused() {
+        let mut bytes = image(&[], &[]);
+        bytes[L1_AT..L1_AT + 8].copy_from_slice(&((L2_AT + 512) as u64).to_be_bytes());
+        let (r, _) = run(bytes);
+        assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    #[test]
+    fn every_truncation_of_a_hand_made_image_ends_in_an_error_not_a_panic() {
+        let packed = deflate(&vec![0x6bu8; C]);
+        let mut data = vec![0x5au8; C];
+        data.extend_from_slice(&packed);
+        let entries = [
+            (2, DATA_AT as u64),
+            (5, compressed_entry(DATA_AT + C, packed.len())),
+        ];
+        let full = image(&entries, &data);
+        for cut in (0..full.len()).step_by(4093) {
+            let (r, _) = run(full[..cut].to_vec());
+            if cut > L2_AT {
+                assert!(r.is_err(), "cut at {cut} decoded");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_corruptions_of_the_tables_never_panic() {
+        let packed = deflate(&vec![0x6bu8; C]);
+        let mut data = vec![0x5au8; C];
+        data.extend_from_slice(&packed);
+        let entries = [
+            (2, DATA_AT as u64),
+            (5, compressed_entry(DATA_AT + C, packed.len())),
+        ];
+        let full = image(&entries, &data);
+        let spots = (0..112)
+            .chain(L1_AT..L1_AT + 16)
+            .chain(L2_AT..L2_AT + 48);
+        for at in spots {
+            for value in [0xffu8, 0x80, 0x01] {
+                let mut bytes = full.clone();
+                bytes[at] ^= value;
+                let _ = run(bytes);
+            }
+        }
+    }
 }
