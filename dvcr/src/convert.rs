@@ -157,8 +157,8 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
     let (reader, random, length): (Box<dyn Read + Send>, Option<FileView>, Option<u64>) =
         match &location {
             Location::Path(path) => {
-                let file = File::open(path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                let file =
+                    File::open(path).with_context(|| format!("opening {}", path.display()))?;
                 let meta = file.metadata()?;
                 let len = if meta.file_type().is_block_device() {
                     use std::io::Seek;
@@ -169,11 +169,8 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
                 } else {
                     None
                 };
-                let random = len.and_then(|len| {
-                    file.try_clone()
-                        .ok()
-                        .map(|clone| FileView::new(clone, len))
-                });
+                let random = len
+                    .and_then(|len| file.try_clone().ok().map(|clone| FileView::new(clone, len)));
                 (Box::new(file), random, len)
             }
             Location::Stdin => (Box::new(source::stdin()), None, None),
@@ -227,13 +224,10 @@ fn decode_into(
     opts: &Options,
     args: &Args,
 ) -> anyhow::Result<Decoded> {
-    dvcr_formats::decode(reader, random, sink, opts).map_err(|e| {
-        // A regular file left behind would look like a finished disk: remove it.
-        if std::fs::metadata(&args.dst).is_ok_and(|m| m.is_file()) {
-            let _ = std::fs::remove_file(&args.dst);
-        }
-        anyhow::Error::new(e).context(format!("{}", args.src))
-    })
+    // On failure the writer is dropped unfinished: a file target never appears under its
+    // name (and an existing file there is left as it was).
+    dvcr_formats::decode(reader, random, sink, opts)
+        .map_err(|e| anyhow::Error::new(e).context(args.src.clone()))
 }
 
 /// Parses `1048576`, `512K`, `10G`, `1.5T`, `20GiB` (binary units).

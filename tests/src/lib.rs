@@ -283,3 +283,90 @@ pub fn mixed_raw(scratch: &Scratch, name: &str, size: usize) -> PathBuf {
     }
     write(scratch, name, &data)
 }
+
+/// A small HTTP/1.1 file server on loopback for tests: `GET` and `HEAD`, with single
+/// `Range: bytes=a-b` requests answered 206 and `Accept-Ranges: bytes` advertised (unless
+/// `ranges` is false). Returns the URL of `path`; the server lives as long as the test
+/// process. Requests are counted in the returned counter.
+pub fn serve_file(
+    path: &Path,
+    ranges: bool,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    let addr = listener.local_addr().expect("local address");
+    let file_path = path.to_path_buf();
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&requests);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let file_path = file_path.clone();
+            let counter = std::sync::Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut stream = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let method = line.split(' ').next().unwrap_or("").to_owned();
+                    let mut range: Option<(u64, Option<u64>)> = None;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                            let (a, b) = v.split_once('-').unwrap_or((v, ""));
+                            range = a.parse().ok().map(|a| (a, b.parse().ok()));
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let mut file = fs::File::open(&file_path).expect("served file");
+                    let len = file.metadata().expect("metadata").len();
+                    let (status, start, end) = match range {
+                        Some((a, b)) if ranges && a < len => (
+                            "206 Partial Content",
+                            a,
+                            b.map_or(len, |b| (b + 1).min(len)),
+                        ),
+                        _ => ("200 OK", 0, len),
+                    };
+                    let mut head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n",
+                        end - start
+                    );
+                    if ranges {
+                        head.push_str("Accept-Ranges: bytes\r\n");
+                    }
+                    if status.starts_with("206") {
+                        head.push_str(&format!(
+                            "Content-Range: bytes {start}-{}/{len}\r\n",
+                            end - 1
+                        ));
+                    }
+                    head.push_str("\r\n");
+                    if stream.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    if method == "GET" {
+                        file.seek(SeekFrom::Start(start)).expect("seek");
+                        let mut body = file.take(end - start);
+                        if std::io::copy(&mut body, &mut stream).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("image");
+    (format!("http://{addr}/{name}"), requests)
+}

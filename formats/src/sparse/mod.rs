@@ -70,6 +70,9 @@ pub struct DiskWriter {
     /// Non-zero ranges written, when the target has to be zeroed elsewhere at the end.
     covered: Option<Mutex<Coverage>>,
     written: AtomicU64,
+    /// A file target is written under a temporary name beside `path` and renamed over it
+    /// only when complete; dropped unfinished, it is removed.
+    partial: Option<tempfile::TempPath>,
 }
 
 impl DiskWriter {
@@ -91,14 +94,10 @@ impl DiskWriter {
                 .map_err(|e| Error::io(format!("measuring the block device {shown}"), e))?;
             return Ok(Self::with_kind(file, path, Kind::Device { capacity }, opts));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("creating {shown}"), e))?;
-        Ok(Self::with_kind(file, path, Kind::File, opts))
+        let (file, partial) = create_partial(path)?;
+        let mut writer = Self::with_kind(file, path, Kind::File, opts);
+        writer.partial = Some(partial);
+        Ok(writer)
     }
 
     /// Opens an existing regular file as if it were a block device of its current length:
@@ -127,6 +126,7 @@ impl DiskWriter {
             size: Mutex::new(None),
             covered: needs_zeroing.then(|| Mutex::new(Coverage::default())),
             written: AtomicU64::new(0),
+            partial: None,
         }
     }
 
@@ -174,6 +174,9 @@ impl DiskWriter {
         self.file
             .sync_all()
             .map_err(|e| Error::io(format!("flushing {shown} to stable storage"), e))?;
+        if let Some(partial) = self.partial {
+            publish(partial, &self.path)?;
+        }
         Ok(Written {
             disk_size,
             bytes_written: self.written.load(Ordering::Relaxed),
@@ -256,6 +259,42 @@ impl DiskWriter {
         }
         Ok(())
     }
+}
+
+/// Creates a temporary file beside `path`, for a target that must not be visible under its
+/// name before it is complete.
+pub fn create_partial(path: &Path) -> Result<(File, tempfile::TempPath)> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(format!("creating a file in {}", dir.display()), e))?;
+    Ok(temp.into_parts())
+}
+
+/// Renames a complete temporary file over `path` and makes the rename durable.
+pub fn publish(partial: tempfile::TempPath, path: &Path) -> Result<()> {
+    partial.persist(path).map_err(|e| {
+        Error::io(
+            format!("renaming the finished disk to {}", path.display()),
+            e.error,
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // The rename is only durable once the directory is flushed too.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("flushing the directory {}", dir.display()), e))
 }
 
 /// Refuses a requested disk size smaller than the image.
@@ -393,6 +432,37 @@ mod tests {
         assert_eq!(disk.len(), 1 << 20);
         assert_eq!(disk[8192 + ZERO_BLOCK + 5], 9);
         assert_eq!(disk.iter().filter(|&&b| b != 0).count(), 1);
+    }
+
+    #[test]
+    fn a_file_target_appears_under_its_name_only_when_finished() {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let path = dir.path().join("disk.img");
+        assert!(std::fs::write(&path, b"old contents").is_ok());
+        let w = DiskWriter::create(&path, TargetOptions::default());
+        let Ok(w) = w else { panic!("create") };
+        assert!(w.set_size(4096).is_ok());
+        assert!(w.write_at(0, &[5u8; 4096]).is_ok());
+        assert_eq!(
+            std::fs::read(&path).ok().as_deref(),
+            Some(&b"old contents"[..])
+        );
+        drop(w);
+        assert_eq!(
+            std::fs::read(&path).ok().as_deref(),
+            Some(&b"old contents"[..])
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).map(|d| d.count()).ok(),
+            Some(1),
+            "the unfinished file is removed"
+        );
+        let w = DiskWriter::create(&path, TargetOptions::default());
+        let Ok(w) = w else { panic!("create") };
+        assert!(w.set_size(4096).is_ok());
+        assert!(w.write_at(0, &[5u8; 4096]).is_ok());
+        assert!(w.finish().is_ok());
+        assert_eq!(std::fs::read(&path).ok(), Some(vec![5u8; 4096]));
     }
 
     #[test]

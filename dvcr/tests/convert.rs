@@ -1,0 +1,250 @@
+//! `dvcr convert` end to end: the real binary, images made by qemu-img, sources from a file,
+//! standard input and HTTP, raw and qcow2 targets, block devices, sizes and refusals.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use dvcr_tests::{Scratch, assert_same_as_qemu, mixed_raw, qemu_img, qemu_info, serve_file};
+
+const DVCR: &str = env!("CARGO_BIN_EXE_dvcr");
+
+fn convert(args: &[&str], stdin: Option<&Path>) -> (Output, serde_json::Value) {
+    let mut cmd = Command::new(DVCR);
+    cmd.arg("convert").arg("--json").args(args);
+    if let Some(p) = stdin {
+        cmd.stdin(Stdio::from(fs::File::open(p).expect("stdin file")));
+    }
+    let out = cmd.output().expect("running dvcr convert");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "dvcr panicked: {stderr}");
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON on stdout ({e}): {stderr}"));
+    (out, json)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn compressed_qcow2(scratch: &Scratch) -> std::path::PathBuf {
+    let raw = mixed_raw(scratch, "src.raw", 40 << 20);
+    let image = scratch.path("c.qcow2");
+    qemu_img(&["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&image)]);
+    image
+}
+
+#[test]
+fn converting_a_file_prints_a_json_summary_and_writes_the_same_disk_as_qemu() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&[s(&image), s(&out)], None);
+    assert!(o.status.success(), "{json}");
+    assert_same_as_qemu(&image, "qcow2", &out);
+    assert_eq!(json["format"], "qcow2");
+    assert_eq!(json["virtual-size"].as_u64(), Some(40 << 20));
+    assert_eq!(json["disk-size"].as_u64(), Some(40 << 20));
+    assert_eq!(
+        json["bytes-read"].as_u64(),
+        Some(fs::metadata(&image).unwrap().len())
+    );
+    assert!(json["bytes-written"].as_u64().unwrap() > 0);
+    assert_eq!(json["scratch-bytes"].as_u64(), Some(0));
+    assert!(json["seconds"].as_f64().is_some());
+}
+
+#[test]
+fn converting_standard_input_gives_the_same_disk_as_the_file() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&["-", s(&out)], Some(&image));
+    assert!(o.status.success(), "{json}");
+    assert_same_as_qemu(&image, "qcow2", &out);
+}
+
+#[test]
+fn converting_an_http_url_streams_the_body_into_the_disk() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let gz = scratch.path("c.qcow2.gz");
+    fs::write(&gz, dvcr_tests::Wrapper::Gzip.compress(&image)).unwrap();
+    let (url, _) = serve_file(&gz, true);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&[&url, s(&out)], None);
+    assert!(o.status.success(), "{json}");
+    assert_eq!(json["compression"], "gzip");
+    assert_same_as_qemu(&image, "qcow2", &out);
+}
+
+#[test]
+fn a_qcow2_target_is_clean_and_identical_to_the_source() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let out = scratch.path("disk.qcow2");
+    let (o, json) = convert(&["--target-format", "qcow2", s(&image), s(&out)], None);
+    assert!(o.status.success(), "{json}");
+    assert_eq!(json["target-format"], "qcow2");
+    qemu_img(&["check", "-q", "-f", "qcow2", s(&out)]);
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&image), s(&out)]);
+}
+
+#[test]
+fn a_larger_requested_size_grows_the_disk_with_zeros() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&["--size", "64M", s(&image), s(&out)], None);
+    assert!(o.status.success(), "{json}");
+    assert_eq!(json["disk-size"].as_u64(), Some(64 << 20));
+    assert_eq!(fs::metadata(&out).unwrap().len(), 64 << 20);
+    // qemu-img compare treats the extra tail of the larger image as zeros it checks.
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "raw", s(&image), s(&out)]);
+    for target in ["qcow2"] {
+        let q = scratch.path("disk.qcow2");
+        let (o, json) = convert(
+            &["--target-format", target, "--size", "64M", s(&image), s(&q)],
+            None,
+        );
+        assert!(o.status.success(), "{json}");
+        assert_eq!(qemu_info(&q, Some("qcow2")).1, 64 << 20);
+    }
+}
+
+#[test]
+fn a_smaller_requested_size_is_refused_and_leaves_no_file() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&["--size", "1M", s(&image), s(&out)], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(json["kind"], "out-of-bounds");
+    assert!(
+        json["error"].as_str().unwrap().contains("at least 41943040"),
+        "{json}"
+    );
+    assert!(!out.exists(), "a refused conversion must not leave a disk behind");
+}
+
+#[test]
+fn a_truncated_image_fails_and_keeps_the_previous_target_untouched() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let bytes = fs::read(&image).unwrap();
+    let cut = scratch.path("cut.qcow2");
+    fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = scratch.path("disk.raw");
+    fs::write(&out, b"previous disk").unwrap();
+    let (o, json) = convert(&[s(&cut), s(&out)], None);
+    assert_eq!(o.status.code(), Some(1), "{json}");
+    assert_eq!(json["kind"], "truncated", "{json}");
+    assert_eq!(fs::read(&out).unwrap(), b"previous disk");
+    let leftovers = fs::read_dir(scratch.path(""))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .map(|e| e.file_name().to_string_lossy().contains("partial"))
+                .unwrap_or(false)
+        })
+        .count();
+    assert_eq!(leftovers, 0, "no partial file may remain");
+}
+
+#[test]
+fn an_unsafe_image_is_refused_with_the_inspect_message() {
+    let scratch = Scratch::new();
+    let base = scratch.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    let child = scratch.path("child.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&child),
+    ]);
+    let (o, json) = convert(&[s(&child), s(&scratch.path("x.raw"))], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(json["kind"], "unsupported");
+    assert!(json["error"].as_str().unwrap().contains("backing file"));
+}
+
+/// A loop device over a file full of old data, detached when dropped.
+struct Loop {
+    device: String,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Option<Self> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipping: no loop device here ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Self {
+            device: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+#[test]
+fn a_block_device_with_old_data_is_zeroed_where_the_image_has_none() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let backing = scratch.path("device.img");
+    fs::write(&backing, vec![0xeeu8; 48 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let (o, json) = convert(&[s(&image), &dev.device], None);
+    assert!(o.status.success(), "{json}");
+    assert!(json["bytes-zeroed"].as_u64().unwrap() > 0, "{json}");
+    drop(dev);
+    // The device is larger than the disk: compare the disk's part.
+    let disk = fs::read(&backing).unwrap();
+    let expected = scratch.path("expected.raw");
+    qemu_img(&["convert", "-q", "-O", "raw", s(&image), s(&expected)]);
+    let expected = fs::read(&expected).unwrap();
+    assert!(disk[..expected.len()] == expected[..], "device contents differ");
+    assert!(disk[expected.len()..].iter().all(|&b| b == 0xee));
+}
+
+#[test]
+fn a_block_device_said_to_read_zero_is_not_zeroed() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let backing = scratch.path("device.img");
+    fs::write(&backing, vec![0u8; 48 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let (o, json) = convert(&["--target-is-zero", s(&image), &dev.device], None);
+    assert!(o.status.success(), "{json}");
+    assert_eq!(json["bytes-zeroed"].as_u64(), Some(0));
+}
+
+#[test]
+fn a_block_device_smaller_than_the_image_is_refused() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    let backing = scratch.path("device.img");
+    fs::write(&backing, vec![0u8; 8 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let (o, json) = convert(&[s(&image), &dev.device], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(json["kind"], "out-of-bounds", "{json}");
+}
