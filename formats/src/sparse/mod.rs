@@ -8,8 +8,10 @@
 //!
 //! Both are [`Sink`]s and take positional writes from several threads. Both grow the disk to
 //! a requested size larger than the image's and refuse a smaller one, and both `fsync`
-//! before [`DiskWriter::finish`] reports success: a caller that reports a disk ready only
-//! after `finish` returned never reports unflushed data.
+//! before their `finish` reports success: a caller that reports a disk ready only after
+//! `finish` returned never reports unflushed data. File targets are written under a
+//! temporary name beside the target and renamed over it only then, so a failed or
+//! interrupted conversion never leaves something that looks like a finished disk.
 
 pub mod qcow2;
 

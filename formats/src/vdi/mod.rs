@@ -11,7 +11,8 @@
 //! converters write sizes that are not a multiple of 512). Checks follow qemu's (version,
 //! sector size, block size, alignment, link and parent UUIDs, the block map's room for the
 //! disk) and go further: image types that need a parent are refused, the block map and the
-//! allocated blocks must lie inside the file, and every map entry must name an allocated block.
+//! allocated blocks must lie inside the file, and every map entry must name an allocated block,
+//! no block twice. [`decode`] streams the data area using the same parser.
 
 pub mod decode;
 
@@ -58,6 +59,29 @@ pub(crate) fn matches(head: &[u8]) -> bool {
 
 /// Validates a VDI image and computes its virtual size.
 pub fn probe(view: &dyn View) -> Result<ImageInfo> {
+    parse(view, &mut |_, _| {}).map(|header| header.info)
+}
+
+/// What the decoder needs of a validated VDI besides its block map.
+#[derive(Debug, Clone)]
+pub(crate) struct Header {
+    /// What [`probe`] reports.
+    pub info: ImageInfo,
+    /// The virtual size in bytes.
+    pub size: u64,
+    /// Where block 0 of the data area starts.
+    pub data_at: u64,
+    /// Blocks in the data area (each map entry names one of them).
+    pub allocated: u32,
+}
+
+/// The size of every block, in bytes (the only one accepted).
+pub(crate) const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
+
+/// Validates a VDI image like [`probe`], calling `visit(guest_block, data_block)` for every
+/// block map entry that names a block of the data area. Every data block is named at most
+/// once: a second entry naming it is corruption.
+pub(crate) fn parse(view: &dyn View, visit: &mut dyn FnMut(u32, u32)) -> Result<Header> {
     let bytes = view.read(0, HEADER_READ, "the VDI header")?;
     let h = Fields::new(&bytes, "VDI header");
     if h.array::<4>(SIGNATURE_AT)? != SIGNATURE {
@@ -225,6 +249,10 @@ pub fn probe(view: &dyn View) -> Result<ImageInfo> {
         }
     }
 
+    // One bit per data block, to find entries that share a block. qemu would read the same
+    // data for both guest blocks; that only happens in damaged or crafted images, and a
+    // single pass could not hand the block out twice without keeping it.
+    let mut taken = vec![0u64; (allocated as usize).div_ceil(64)];
     let mut used: u64 = 0;
     let mut done: u64 = 0;
     while done < map_len {
@@ -244,15 +272,35 @@ pub fn probe(view: &dyn View) -> Result<ImageInfo> {
                     done / 4 + i as u64
                 ));
             }
+            let guest = done / 4 + i as u64;
+            let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
+            // In bounds: block < allocated.
+            if taken[word] & bit != 0 {
+                return Err(err!(
+                    Corrupt,
+                    "the VDI's block map sends block {guest} to data block {block}, which an \
+                     earlier block already uses: the file is damaged; download it again or \
+                     repair it with `VBoxManage repairhd`"
+                ));
+            }
+            taken[word] |= bit;
+            // Below MAX_BLOCKS: the map has `blocks` entries.
+            visit(guest as u32, block);
             used += 1;
         }
         done += piece as u64;
     }
 
-    Ok(ImageInfo::new(Format::Vdi, size)
+    let info = ImageInfo::new(Format::Vdi, size)
         .with("subformat", subformat)
         .with("block-size", block_size)
-        .with("allocated-blocks", used))
+        .with("allocated-blocks", used);
+    Ok(Header {
+        info,
+        size,
+        data_at,
+        allocated,
+    })
 }
 
 /// Runs the probe on arbitrary bytes and ignores the outcome: the entry point of the fuzz
@@ -734,6 +782,12 @@ mod tests {
         // Discarded blocks read as zeros and are fine.
         let image = edited(|i| put_u32(i, 0x200 + 5 * 4, DISCARDED));
         assert_eq!(both_ways(&image), Ok((Format::Vdi, 10 << 20)));
+    }
+
+    #[test]
+    fn a_data_block_named_by_two_map_entries_is_corruption() {
+        let image = edited(|i| put_u32(i, 0x200 + 7 * 4, 1));
+        assert_refused(&image, ErrorKind::Corrupt, "block 7 to data block 1");
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! (cylinders × heads × sectors × 512) is used only when the creator application is `vpc ` or
 //! `qemu` (the two writers that round the size to a geometry) and the geometry is not the
 //! maximum 65535/16/255; otherwise the footer's current size, rounded down to whole sectors.
-//! qemu refuses disks over 2040 GiB, and so does this module.
+//! qemu refuses disks over 2040 GiB, and so does this module. [`decode`] streams dynamic
+//! disks using the same parser.
 
 pub mod decode;
 
@@ -175,15 +176,55 @@ pub(crate) fn matches(head: &[u8]) -> bool {
 /// Validates a VHD image whose footer copy is at offset 0 (a dynamic disk, normally) and
 /// computes its virtual size.
 pub fn probe(view: &dyn View) -> Result<ImageInfo> {
+    parse(view, &mut |_, _| {}).map(|layout| match layout {
+        Layout::Fixed { info } | Layout::Dynamic { info, .. } => info,
+    })
+}
+
+/// A validated VHD whose footer copy starts the image: what the decoder needs besides the
+/// block allocation table.
+#[derive(Debug, Clone)]
+pub(crate) enum Layout {
+    /// A fixed disk: guest byte `n` is image byte `n` (here including the footer copy at 0,
+    /// exactly as qemu reads it).
+    Fixed {
+        /// What [`probe`] reports.
+        info: ImageInfo,
+    },
+    /// A dynamic disk.
+    Dynamic {
+        /// What [`probe`] reports.
+        info: ImageInfo,
+        /// Bytes of guest data per block.
+        block_size: u32,
+        /// Bytes of sector bitmap in front of each block's data, as qemu computes it.
+        bitmap_len: u64,
+        /// Where the last allocated block ends (0 without blocks).
+        blocks_end: u64,
+    },
+}
+
+/// Validates a VHD like [`probe`], calling `visit(block_index, sector)` for every allocated
+/// entry of a dynamic disk's block allocation table (the block's sector bitmap starts at
+/// byte `sector * 512`).
+pub(crate) fn parse(view: &dyn View, visit: &mut dyn FnMut(u32, u32)) -> Result<Layout> {
     let bytes = view.read(0, FOOTER_LEN, "the VHD footer copy")?;
     let footer = Footer::parse(&bytes, "VHD footer copy at the start of the image")?;
     match footer.disk_type {
-        TYPE_DYNAMIC => dynamic(view, &footer),
+        TYPE_DYNAMIC => dynamic(view, &footer, visit),
         // A footer at offset 0 that says "fixed": qemu takes it at its word; so do we, with
         // the fixed-disk checks.
-        TYPE_FIXED => fixed(view, &footer),
+        TYPE_FIXED => fixed(view, &footer).map(|info| Layout::Fixed { info }),
         other => Err(bad_type(other)),
     }
+}
+
+/// The sector bitmap in front of each block of `block_size` bytes, computed as qemu's vpc
+/// driver does: one bit per sector, rounded to whole sectors, but counted in whole bytes
+/// first, so that blocks under 4 KiB get no bitmap at all (qemu then reads their data from
+/// where the bitmap is; observed with qemu-img 10.0).
+pub(crate) fn bitmap_len(block_size: u32) -> u64 {
+    (u64::from(block_size) / (8 * SECTOR)).next_multiple_of(SECTOR)
 }
 
 /// Looks for a fixed VHD's footer in the last 512 bytes: `Ok(None)` when the image is
@@ -263,7 +304,7 @@ fn fixed(view: &dyn View, footer: &Footer) -> Result<ImageInfo> {
 
 /// Validates a dynamic disk: the dynamic header, its block allocation table, and that the
 /// blocks and the trailing footer are inside the file.
-fn dynamic(view: &dyn View, footer: &Footer) -> Result<ImageInfo> {
+fn dynamic(view: &dyn View, footer: &Footer, visit: &mut dyn FnMut(u32, u32)) -> Result<Layout> {
     let (size, source) = footer.virtual_size()?;
     let header_at = footer.data_offset;
     if header_at < FOOTER_LEN as u64 {
@@ -365,11 +406,8 @@ fn dynamic(view: &dyn View, footer: &Footer) -> Result<ImageInfo> {
         }
     }
 
-    // Each allocated block is a sector bitmap (one bit per sector, padded to whole sectors)
-    // followed by the block's data.
-    let bitmap_len = (u64::from(block_size) / SECTOR)
-        .div_ceil(8)
-        .next_multiple_of(SECTOR);
+    // Each allocated block is a sector bitmap followed by the block's data.
+    let bitmap_len = bitmap_len(block_size);
     let mut allocated: u64 = 0;
     let mut last_end: Option<(u64, u64)> = None;
     let mut done: u64 = 0;
@@ -383,6 +421,8 @@ fn dynamic(view: &dyn View, footer: &Footer) -> Result<ImageInfo> {
                 continue;
             }
             allocated += 1;
+            // Below MAX_TABLE_ENTRIES: the table has `entries` entries.
+            visit((done / 4 + i as u64) as u32, sector);
             // A sector number is below 2^32, so the end stays far below u64::MAX.
             let end = u64::from(sector) * SECTOR + bitmap_len + u64::from(block_size);
             if last_end.is_none_or(|(_, e)| end > e) {
@@ -413,10 +453,16 @@ fn dynamic(view: &dyn View, footer: &Footer) -> Result<ImageInfo> {
         }
     }
 
-    Ok(footer
+    let info = footer
         .info(size, source, "dynamic")
         .with("block-size", block_size)
-        .with("allocated-blocks", allocated))
+        .with("allocated-blocks", allocated);
+    Ok(Layout::Dynamic {
+        info,
+        block_size,
+        bitmap_len,
+        blocks_end: last_end.map_or(0, |(_, end)| end),
+    })
 }
 
 /// Runs both probes on arbitrary bytes and ignores the outcome: the entry point of the
@@ -976,6 +1022,16 @@ mod tests {
         assert!(probe_fixed(&SliceView(&[7u8; 4096]))?.is_none());
         assert_eq!(both_ways(&[7u8; 4096]), Ok((Format::Raw, 4096)));
         Ok(())
+    }
+
+    #[test]
+    fn the_sector_bitmap_is_sized_like_qemu_with_none_under_4_kib_blocks() {
+        assert_eq!(bitmap_len(512), 0);
+        assert_eq!(bitmap_len(2048), 0);
+        assert_eq!(bitmap_len(4096), 512);
+        assert_eq!(bitmap_len(2 << 20), 512);
+        assert_eq!(bitmap_len(4 << 20), 1024);
+        assert_eq!(bitmap_len(MAX_BLOCK_SIZE), 65536);
     }
 
     #[test]
