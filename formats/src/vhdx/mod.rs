@@ -227,6 +227,15 @@ impl Layout {
         bat_entries(self.virtual_size, self.block_size, self.logical_sector_size)
     }
 
+    /// What the probe (and the decoder) report for this layout.
+    pub fn info(&self) -> ImageInfo {
+        ImageInfo::new(Format::Vhdx, self.virtual_size)
+            .with("subformat", self.subformat())
+            .with("block-size", self.block_size)
+            .with("logical-sector-size", self.logical_sector_size)
+            .with("physical-sector-size", self.physical_sector_size)
+    }
+
     /// `fixed` or `dynamic`, as `qemu-img create -o subformat=` names them.
     pub fn subformat(&self) -> &'static str {
         if self.leave_blocks_allocated {
@@ -273,12 +282,7 @@ pub(crate) fn matches(head: &[u8]) -> bool {
 
 /// Validates a VHDX image and reports its virtual size and properties.
 pub fn probe(view: &dyn View) -> Result<ImageInfo> {
-    let layout = parse(view)?;
-    Ok(ImageInfo::new(Format::Vhdx, layout.virtual_size)
-        .with("subformat", layout.subformat())
-        .with("block-size", layout.block_size)
-        .with("logical-sector-size", layout.logical_sector_size)
-        .with("physical-sector-size", layout.physical_sector_size))
+    Ok(parse(view)?.info())
 }
 
 /// Runs the probe over arbitrary bytes, for the fuzz target.
@@ -847,9 +851,9 @@ mod tests {
     const RT1: usize = 192 << 10;
     const RT2: usize = 256 << 10;
     const LOG: usize = 1 << 20;
-    const BAT: usize = 2 << 20;
+    pub(super) const BAT: usize = 2 << 20;
     const META: usize = 3 << 20;
-    const FILE_LEN: usize = 4 << 20;
+    pub(super) const FILE_LEN: usize = 4 << 20;
     /// Metadata table entry `i` (items in the order file parameters, size, page 83, logical, physical).
     const fn meta_entry(i: usize) -> usize {
         META + 32 + 32 * i
@@ -876,13 +880,13 @@ mod tests {
         put(img, at, &v.to_le_bytes());
     }
 
-    fn put_u64(img: &mut [u8], at: usize, v: u64) {
+    pub(super) fn put_u64(img: &mut [u8], at: usize, v: u64) {
         put(img, at, &v.to_le_bytes());
     }
 
     /// Recomputes the checksums of both headers and both region tables (where their signature
     /// is present), so that a change reaches the code behind the checksum test.
-    fn seal(img: &mut [u8]) {
+    pub(super) fn seal(img: &mut [u8]) {
         for (at, len) in [
             (H1, HEADER_LEN),
             (H2, HEADER_LEN),
@@ -914,16 +918,16 @@ mod tests {
 
     /// A hand-made VHDX laid out as qemu lays them out.
     #[derive(Debug, Clone, Copy)]
-    struct Spec {
-        size: u64,
-        block_size: u32,
-        logical: u32,
-        physical: u32,
-        flags: u32,
+    pub(super) struct Spec {
+        pub(super) size: u64,
+        pub(super) block_size: u32,
+        pub(super) logical: u32,
+        pub(super) physical: u32,
+        pub(super) flags: u32,
     }
 
     impl Spec {
-        fn dynamic(size: u64) -> Self {
+        pub(super) fn dynamic(size: u64) -> Self {
             Self {
                 size,
                 block_size: 32 << 20,
@@ -933,7 +937,7 @@ mod tests {
             }
         }
 
-        fn build(self) -> Vec<u8> {
+        pub(super) fn build(self) -> Vec<u8> {
             let mut img = vec![0u8; FILE_LEN];
             put(&mut img, 0, FILE_IDENTIFIER);
             for (at, sequence) in [(H1, 7u64), (H2, 8)] {
