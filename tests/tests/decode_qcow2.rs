@@ -1,6 +1,9 @@
 //! qcow2 images of every shape `qemu-img` and `qemu-io` make decode, in one pass, to the disk
 //! `qemu-img compare` finds identical: from a file (random access) and from a stream.
 
+// Fixture helpers outside #[test] fns: a failed step must stop the test loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use dvcr_formats::Options;

@@ -185,6 +185,59 @@ impl SparseHeader {
 /// Probes a sparse extent (`KDMV`): header, footer when the grain directory is at the end,
 /// limits, table and descriptor placement, embedded descriptor.
 fn probe_sparse(view: &dyn View) -> Result<ImageInfo> {
+    sparse_layout(view, false).map(|(info, _)| info)
+}
+
+/// What the decoder needs to know of a sparse extent, taken from the authoritative header
+/// and checked by the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Virtual size in sectors (at most [`MAX_VIRTUAL_SIZE`] bytes).
+    pub capacity: u64,
+    /// Grain size in sectors: a power of two, at most 1 GiB.
+    pub grain: u64,
+    /// Entries per grain table (1..=512).
+    pub gtes_per_gt: u32,
+    /// Sector of the grain directory; [`GD_AT_END`] when only the footer, not read yet,
+    /// knows it.
+    pub gd_offset: u64,
+    /// Sectors of metadata before the first grain.
+    pub overhead: u64,
+    /// Grains are deflate-compressed (`compressAlgorithm` 1; qemu's test for streamOptimized).
+    pub compressed: bool,
+    /// Every grain is preceded by a `{lba, size}` marker and metadata by typed markers.
+    pub markers: bool,
+    /// Grain table entry 1 means "this grain reads as zeros" (flags bit 2).
+    pub zeroed_grains: bool,
+}
+
+impl Layout {
+    /// The grain size in bytes (at most 1 GiB, checked by the probe).
+    pub fn grain_bytes(&self) -> u64 {
+        self.grain * SECTOR
+    }
+
+    /// The virtual size in bytes (checked by the probe).
+    pub fn virtual_size(&self) -> u64 {
+        self.capacity * SECTOR
+    }
+
+    /// Whether the grain directory is only known to the footer.
+    pub fn gd_at_end(&self) -> bool {
+        self.gd_offset == GD_AT_END
+    }
+}
+
+/// Header flag: grain table entry 1 stands for a grain of zeros.
+const FLAG_ZEROED_GRAINS: u32 = 1 << 2;
+
+/// The probe of a sparse extent, returning the decoder's [`Layout`] along with the info.
+///
+/// With `defer_footer`, an image whose header puts the grain directory at the end and whose
+/// length is not known yet (a stream) is described by the header at the start instead of
+/// the footer, which a single pass only reaches at the end: the layout's `gd_offset` then
+/// stays [`GD_AT_END`], and the caller must probe again once the footer has been read.
+pub(crate) fn sparse_layout(view: &dyn View, defer_footer: bool) -> Result<(ImageInfo, Layout)> {
     let first = view.read(0, HEADER_LEN, "the vmdk header")?;
     let primary = SparseHeader::parse(&first, "vmdk header")?;
 
@@ -200,12 +253,14 @@ fn probe_sparse(view: &dyn View) -> Result<ImageInfo> {
     }
 
     let gd_at_end = primary.gd_offset == GD_AT_END;
-    let header = if gd_at_end {
+    let deferred = gd_at_end && defer_footer && !view.len_known();
+    let header = if gd_at_end && !deferred {
         read_footer(view)?
     } else {
         primary
     };
-    check_header(view, &header)?;
+    // A deferred header has no grain directory to check yet.
+    check_header(view, &header, !deferred)?;
 
     let grain_bytes = header
         .grain
@@ -237,7 +292,17 @@ fn probe_sparse(view: &dyn View) -> Result<ImageInfo> {
     if let Some(create_type) = descriptor.and_then(|d| d.create_type) {
         info = info.with("create-type", create_type);
     }
-    Ok(info)
+    let layout = Layout {
+        capacity: header.capacity,
+        grain: header.grain,
+        gtes_per_gt: header.gtes_per_gt,
+        gd_offset: header.gd_offset,
+        overhead: header.overhead,
+        compressed: header.compress_algorithm == COMPRESS_DEFLATE,
+        markers: header.has(FLAG_MARKERS),
+        zeroed_grains: header.has(FLAG_ZEROED_GRAINS),
+    };
+    Ok((info, layout))
 }
 
 /// Reads and checks the footer of an image whose header puts the grain directory at the end,
@@ -302,9 +367,9 @@ fn capacity_too_large(capacity: u64) -> crate::error::Error {
     )
 }
 
-/// Checks the (authoritative) header's version, encoding and limits, and that its tables lie
-/// inside the image when its length is known.
-fn check_header(view: &dyn View, h: &SparseHeader) -> Result<()> {
+/// Checks the (authoritative) header's version, encoding and limits, and (with `tables`) that
+/// its tables lie inside the image when its length is known.
+fn check_header(view: &dyn View, h: &SparseHeader, tables: bool) -> Result<()> {
     if !(1..=3).contains(&h.version) {
         return Err(err!(
             Unsupported,
@@ -380,14 +445,14 @@ fn check_header(view: &dyn View, h: &SparseHeader) -> Result<()> {
     }
     // Entries are 32-bit sector numbers.
     let gd_bytes = gd_entries * 4;
-    if gd_entries > 0 && h.gd_offset == 0 {
+    if tables && gd_entries > 0 && h.gd_offset == 0 {
         return Err(err!(
             Corrupt,
             "the vmdk's grain directory offset is 0, on top of the header: the image is damaged; \
              download it again"
         ));
     }
-    if gd_entries > 0 {
+    if tables && gd_entries > 0 {
         check_table(view, "grain directory", h.gd_offset, gd_bytes)?;
         if h.has(FLAG_REDUNDANT_GD) && h.rgd_offset != 0 {
             check_table(view, "redundant grain directory", h.rgd_offset, gd_bytes)?;
