@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use dvcr_formats::sparse::qcow2::Qcow2Writer;
 use dvcr_formats::sparse::{DiskWriter, TargetOptions, Written};
-use dvcr_formats::{Decoded, FileView, Options, Sink};
+use dvcr_formats::{Decoded, FileView, Options, RandomAccess, Sink};
 use dvcr_importer::source::{self, Location};
 use serde::Serialize;
 
@@ -45,6 +45,11 @@ pub struct Args {
     /// defaults to the system temp dir.
     #[arg(long, env = "DVCR_SCRATCH_DIR")]
     scratch_dir: Option<PathBuf>,
+
+    /// Memory for data that arrives before the tables that place it, before it spills to
+    /// the scratch dir (or, for a source that allows random access, is read again later).
+    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    pending_memory: u64,
 
     /// Print a one-line JSON summary on standard output.
     #[arg(long)]
@@ -154,7 +159,7 @@ impl<R: Read> Read for Counted<R> {
 fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
     let progress = progress_bar();
     let location = Location::parse(&args.src)?;
-    let (reader, random, length): (Box<dyn Read + Send>, Option<FileView>, Option<u64>) =
+    let (reader, random, length): (Box<dyn Read + Send>, Option<RandomAccess>, Option<u64>) =
         match &location {
             Location::Path(path) => {
                 let file =
@@ -169,15 +174,26 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
                 } else {
                     None
                 };
-                let random = len
-                    .and_then(|len| file.try_clone().ok().map(|clone| FileView::new(clone, len)));
+                dvcr_formats::stream::advise_sequential(&file);
+                let random = len.and_then(|len| {
+                    let clone = file.try_clone().ok()?;
+                    Some(Box::new(FileView::new(clone, len)) as RandomAccess)
+                });
                 (Box::new(file), random, len)
             }
             Location::Stdin => (Box::new(source::stdin()), None, None),
             Location::Http(url) => {
                 let body = source::open_http(url)?;
                 let len = body.length;
-                (Box::new(body), None, len)
+                // A server that answers Range requests spares the scratch space: what a
+                // decoder needs again is fetched again.
+                let random = match (&body.ranges_at, len) {
+                    (Some(at), Some(len)) => {
+                        Some(Box::new(source::HttpRanges::new(at, len)?) as RandomAccess)
+                    }
+                    _ => None,
+                };
+                (Box::new(body), random, len)
             }
         };
     if let Some(len) = length {
@@ -191,6 +207,7 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
     });
     let opts = Options {
         scratch_dir: args.scratch_dir.clone(),
+        pending_memory: usize::try_from(args.pending_memory).unwrap_or(usize::MAX),
         ..Options::default()
     };
     let target = TargetOptions {
@@ -219,7 +236,7 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
 
 fn decode_into(
     reader: Box<dyn Read + Send>,
-    random: Option<FileView>,
+    random: Option<RandomAccess>,
     sink: &dyn Sink,
     opts: &Options,
     args: &Args,

@@ -248,3 +248,43 @@ fn a_block_device_smaller_than_the_image_is_refused() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(json["kind"], "out-of-bounds", "{json}");
 }
+
+/// A qcow2 whose copied L2 table (written after an internal snapshot) comes many MiB after
+/// the data it maps: a single pass must keep that data or read it again.
+fn late_l2_qcow2(scratch: &Scratch) -> std::path::PathBuf {
+    let image = scratch.path("snap.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&image), "32M"]);
+    dvcr_tests::qemu_io("qcow2", &image, &["write -P 0x5e 0 20M"]);
+    qemu_img(&["snapshot", "-c", "one", s(&image)]);
+    dvcr_tests::qemu_io("qcow2", &image, &["write -P 0xcd 64k 64k"]);
+    image
+}
+
+#[test]
+fn an_http_source_that_answers_ranges_is_read_again_instead_of_spilled_to_scratch() {
+    let scratch = Scratch::new();
+    let image = late_l2_qcow2(&scratch);
+    let (url, requests) = serve_file(&image, true);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&["--pending-memory", "64K", &url, s(&out)], None);
+    assert!(o.status.success(), "{json}");
+    assert_same_as_qemu(&image, "qcow2", &out);
+    assert_eq!(json["scratch-bytes"].as_u64(), Some(0), "{json}");
+    assert!(
+        requests.load(std::sync::atomic::Ordering::Relaxed) > 1,
+        "the data behind the late L2 table is fetched with range requests"
+    );
+}
+
+#[test]
+fn an_http_source_without_ranges_spills_to_scratch_and_still_converts() {
+    let scratch = Scratch::new();
+    let image = late_l2_qcow2(&scratch);
+    let (url, requests) = serve_file(&image, false);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&["--pending-memory", "64K", &url, s(&out)], None);
+    assert!(o.status.success(), "{json}");
+    assert_same_as_qemu(&image, "qcow2", &out);
+    assert!(json["scratch-bytes"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

@@ -16,7 +16,7 @@ use crate::detect::{HEAD_LEN, raw_virtual_size};
 use crate::error::{Result, err};
 use crate::sink::{Output, Sink};
 use crate::stream::{HeadView, ReadAhead, Stream};
-use crate::view::{FileView, View};
+use crate::view::View;
 use crate::{Format, ImageInfo, iso, qcow2, vdi, vhd, vhdx, vmdk};
 
 /// How a decode may use memory, scratch space and threads.
@@ -65,9 +65,10 @@ pub struct Decoded {
 pub struct Job<'a> {
     /// The image, read once.
     pub stream: Stream,
-    /// Random access to the same bytes, when the source is an uncompressed local file:
-    /// decoders use it instead of spilling to scratch.
-    pub random: Option<FileView>,
+    /// Random access to the same bytes, when the source allows it (an uncompressed local
+    /// file, an HTTP server answering Range requests): decoders use it instead of spilling
+    /// to scratch. [`View::cheap`] tells a local file from a network round trip per read.
+    pub random: Option<RandomAccess>,
     /// Where guest data goes.
     pub out: Output<'a, dyn Sink + 'a>,
     /// Limits.
@@ -86,21 +87,23 @@ impl std::fmt::Debug for Job<'_> {
     }
 }
 
+/// Random access to the bytes of an image, shareable with decoding threads.
+pub type RandomAccess = Box<dyn View + Send + Sync>;
+
 /// Decodes the image read from `source` into `sink`, in one pass. `random` is random access
-/// to the same bytes when the source is a local file (ignored when the file turns out to be
-/// compressed).
+/// to the same bytes when the source allows it (ignored when the bytes turn out to be
+/// compressed: offsets inside a compressed stream cannot be reached directly).
 pub fn decode(
     source: BoxRead,
-    random: Option<FileView>,
+    random: Option<RandomAccess>,
     sink: &dyn Sink,
     opts: &Options,
 ) -> Result<Decoded> {
     let (inner, compression) = compress::unwrap(source)?;
-    let (inner, random): (BoxRead, _) = if compression.is_empty() {
-        (Box::new(inner), random)
-    } else {
-        (Box::new(ReadAhead::new(Box::new(inner))), None)
-    };
+    // Reading (and unwrapping) runs a few chunks ahead on a thread of its own, so that I/O
+    // waits and decompression overlap decoding and writing.
+    let inner: BoxRead = Box::new(ReadAhead::new(Box::new(inner)));
+    let random = if compression.is_empty() { random } else { None };
     let mut job = Job {
         stream: Stream::new(inner, compression.clone()),
         random,

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use compress::Compression;
-pub use decode::{Decoded, Options, decode};
+pub use decode::{Decoded, Options, RandomAccess, decode};
 pub use error::{Error, ErrorKind, Result};
 pub use probe::{Probed, StreamProbe, probe_path, probe_path_with, probe_reader};
 pub use sink::{Output, Sink};

@@ -36,6 +36,9 @@ pub struct Pending {
     scratch_dir: Option<PathBuf>,
     scratch: Option<File>,
     scratch_len: u64,
+    /// Over the memory limit, drop bytes instead of spilling them (the caller can read them
+    /// again by random access).
+    discard: bool,
 }
 
 impl Pending {
@@ -49,7 +52,16 @@ impl Pending {
             scratch_dir,
             scratch: None,
             scratch_len: 0,
+            discard: false,
         }
+    }
+
+    /// Over the memory limit, forget bytes instead of spilling them to scratch: for callers
+    /// that can read them again by random access.
+    #[must_use]
+    pub fn discarding_over_limit(mut self, discard: bool) -> Self {
+        self.discard = discard;
+        self
     }
 
     /// Bytes written to scratch so far.
@@ -70,6 +82,8 @@ impl Pending {
         let place = if self.memory + data.len() <= self.memory_limit {
             self.memory += data.len();
             Place::Memory(data.to_vec())
+        } else if self.discard {
+            return Ok(());
         } else {
             let at = self.scratch_len;
             self.scratch_file()?

@@ -298,6 +298,16 @@ impl View for HeadView<'_> {
     }
 }
 
+/// Tells the kernel a file will be read from start to end once, so that it reads ahead
+/// further. Only a hint: failures are ignored.
+pub fn advise_sequential(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise takes plain integers; the descriptor is owned by `file`.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
 /// A reader that pulls from its source on a thread of its own, a few large chunks ahead, so
 /// that decompressing a wrapper and decoding the image use two cores.
 pub struct ReadAhead {

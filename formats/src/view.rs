@@ -32,13 +32,20 @@ pub trait View {
         self.len() == 0
     }
 
+    /// Whether reads are cheap (a local file or memory) rather than a network round trip
+    /// each: decoders read tables up front only from cheap views, and use others only
+    /// where the alternative is spilling to scratch.
+    fn cheap(&self) -> bool {
+        true
+    }
+
     /// Exactly `len` bytes at `offset`, or an error naming `what` was being read.
     /// Reading past the end is a [`ErrorKind::Truncated`] error.
     fn read(&self, offset: u64, len: usize, what: &str) -> Result<Cow<'_, [u8]>>;
 }
 
 /// Checks a read request against the view's length and the read limit.
-pub(crate) fn check_range(view_len: u64, offset: u64, len: usize, what: &str) -> Result<()> {
+pub fn check_range(view_len: u64, offset: u64, len: usize, what: &str) -> Result<()> {
     if len > MAX_READ {
         return Err(err!(
             OutOfBounds,
@@ -55,6 +62,20 @@ pub(crate) fn check_range(view_len: u64, offset: u64, len: usize, what: &str) ->
             OutOfBounds,
             "{what} lies at offset {offset}, beyond any possible image"
         )),
+    }
+}
+
+impl<T: View + ?Sized> View for Box<T> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+
+    fn cheap(&self) -> bool {
+        (**self).cheap()
+    }
+
+    fn read(&self, offset: u64, len: usize, what: &str) -> Result<Cow<'_, [u8]>> {
+        (**self).read(offset, len, what)
     }
 }
 

@@ -9,7 +9,11 @@ use std::fmt;
 use std::io::{self, Read};
 use std::sync::mpsc;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
+use dvcr_formats::View;
+use dvcr_formats::view::check_range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -110,6 +114,9 @@ pub struct HttpBody {
     current: Bytes,
     /// `Content-Length`, when the server sent one.
     pub length: Option<u64>,
+    /// The server said it answers `Range` requests for this resource (`Accept-Ranges:
+    /// bytes`), at the URL it finally answered from (after redirects).
+    pub ranges_at: Option<String>,
 }
 
 impl Read for HttpBody {
@@ -132,7 +139,7 @@ const CHANNEL_CHUNKS: usize = 64;
 
 /// Sends a GET for `url` and returns the streaming body once the status is a success.
 pub fn open_http(url: &str) -> Result<HttpBody, SourceError> {
-    let (head_tx, head_rx) = mpsc::sync_channel::<Result<Option<u64>, SourceError>>(1);
+    let (head_tx, head_rx) = mpsc::sync_channel::<Result<Head, SourceError>>(1);
     let (chunk_tx, chunk_rx) = mpsc::sync_channel::<io::Result<Bytes>>(CHANNEL_CHUNKS);
     let owned = url.to_owned();
     let spawned = std::thread::Builder::new()
@@ -157,7 +164,7 @@ pub fn open_http(url: &str) -> Result<HttpBody, SourceError> {
             "cannot start the HTTP client thread: {e}"
         )));
     }
-    let length = head_rx.recv().map_err(|_| {
+    let head = head_rx.recv().map_err(|_| {
         SourceError::Invalid(format!(
             "the HTTP client for {url} stopped before an answer"
         ))
@@ -165,23 +172,33 @@ pub fn open_http(url: &str) -> Result<HttpBody, SourceError> {
     Ok(HttpBody {
         chunks: chunk_rx,
         current: Bytes::new(),
-        length,
+        length: head.length,
+        ranges_at: head.ranges_at,
     })
 }
 
-async fn transfer(
-    url: String,
-    head: mpsc::SyncSender<Result<Option<u64>, SourceError>>,
-    chunks: mpsc::SyncSender<io::Result<Bytes>>,
-) {
-    let client = match reqwest::Client::builder()
+/// What the response head said.
+struct Head {
+    length: Option<u64>,
+    ranges_at: Option<String>,
+}
+
+fn client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
         .connect_timeout(Duration::from_secs(30))
         // Per read: an idle timeout, never a limit on the whole (huge) body.
         .read_timeout(IDLE_TIMEOUT)
         .user_agent(concat!("dvcr/", env!("CARGO_PKG_VERSION")))
         .build()
-    {
+}
+
+async fn transfer(
+    url: String,
+    head: mpsc::SyncSender<Result<Head, SourceError>>,
+    chunks: mpsc::SyncSender<io::Result<Bytes>>,
+) {
+    let client = match client() {
         Ok(c) => c,
         Err(source) => {
             let _ = head.send(Err(SourceError::Http { url, source }));
@@ -212,7 +229,16 @@ async fn transfer(
         }));
         return;
     }
-    if head.send(Ok(response.content_length())).is_err() {
+    let ranges = response
+        .headers()
+        .get(reqwest::header::ACCEPT_RANGES)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("bytes"));
+    let answered = Head {
+        length: response.content_length(),
+        ranges_at: ranges.then(|| response.url().to_string()),
+    };
+    if head.send(Ok(answered)).is_err() {
         return;
     }
     loop {
@@ -228,6 +254,110 @@ async fn transfer(
         if chunks.send(next).is_err() || failed {
             return;
         }
+    }
+}
+
+/// Random access to an HTTP resource by `Range` requests, for the few reads a decoder makes
+/// behind the stream (a qcow2 L2 table that comes after the data it maps) instead of keeping
+/// everything it passed in scratch space.
+///
+/// Requests go to a thread of its own with one HTTP client, so connections are reused.
+#[derive(Debug)]
+pub struct HttpRanges {
+    url: String,
+    len: u64,
+    requests: mpsc::Sender<RangeRequest>,
+}
+
+type RangeRequest = (u64, usize, mpsc::SyncSender<Result<Vec<u8>, String>>);
+
+impl HttpRanges {
+    /// Random access to `url`, whose length is `len` bytes.
+    pub fn new(url: &str, len: u64) -> Result<Self, SourceError> {
+        let (tx, rx) = mpsc::channel::<RangeRequest>();
+        let owned = url.to_owned();
+        std::thread::Builder::new()
+            .name("http-ranges".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                let Ok(client) = client() else { return };
+                while let Ok((offset, len, reply)) = rx.recv() {
+                    let answer = runtime.block_on(fetch_range(&client, &owned, offset, len));
+                    let _ = reply.send(answer);
+                }
+            })
+            .map_err(|e| SourceError::Invalid(format!("cannot start the HTTP client thread: {e}")))?;
+        Ok(Self {
+            url: url.to_owned(),
+            len,
+            requests: tx,
+        })
+    }
+}
+
+async fn fetch_range(
+    client: &reqwest::Client,
+    url: &str,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    let last = offset + len as u64 - 1;
+    let response = client
+        .get(url)
+        .header(reqwest::header::RANGE, format!("bytes={offset}-{last}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+        return Err(format!(
+            "asked for bytes {offset}-{last} the server answered HTTP {} instead of 206",
+            response.status().as_u16()
+        ));
+    }
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    if body.len() != len {
+        return Err(format!(
+            "asked for {len} bytes at {offset} the server sent {}",
+            body.len()
+        ));
+    }
+    Ok(body.to_vec())
+}
+
+impl View for HttpRanges {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn cheap(&self) -> bool {
+        false
+    }
+
+    fn read(&self, offset: u64, len: usize, what: &str) -> dvcr_formats::Result<Cow<'_, [u8]>> {
+        check_range(self.len, offset, len, what)?;
+        if len == 0 {
+            return Ok(Cow::Owned(Vec::new()));
+        }
+        let (reply, answer) = mpsc::sync_channel(1);
+        let failed = |e: String| {
+            dvcr_formats::Error::io(
+                format!("reading {what} from {} by a range request", self.url),
+                io::Error::other(e),
+            )
+        };
+        self.requests
+            .send((offset, len, reply))
+            .map_err(|_| failed("the HTTP client thread stopped".into()))?;
+        let bytes = answer
+            .recv()
+            .map_err(|_| failed("the HTTP client thread stopped".into()))?
+            .map_err(failed)?;
+        Ok(Cow::Owned(bytes))
     }
 }
 

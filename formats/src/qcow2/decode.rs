@@ -31,7 +31,7 @@ use crate::decode::Job;
 use crate::error::{Error, Result, err};
 use crate::pending::Pending;
 use crate::sink::{Output, Sink};
-use crate::view::{FileView, View};
+use crate::view::View;
 
 /// Bytes read from the stream at a time (a multiple of every cluster size, 512 B..2 MiB).
 const CHUNK: u64 = 4 << 20;
@@ -87,7 +87,8 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
                 }
             });
         }
-        let mut decoder = Decoder::new(&header, random.as_ref(), out, opts, tx, &failed);
+        let random = random.as_deref().map(|r| r as &dyn View);
+        let mut decoder = Decoder::new(&header, random, out, opts, tx, &failed);
         let result = decoder.run(stream);
         *scratch_bytes += decoder.pending.scratch_bytes();
         // Dropping the decoder closes the channel: the threads finish the queue and stop.
@@ -238,7 +239,10 @@ impl Inflater {
 struct Decoder<'a, 'o> {
     h: &'a Header,
     cluster: u64,
-    random: Option<&'a FileView>,
+    random: Option<&'a dyn View>,
+    /// Random access is cheap (a local file): tables are read up front and nothing is kept
+    /// pending. Otherwise (HTTP ranges) it only replaces spilling to scratch.
+    upfront: bool,
     out: &'a Output<'o, dyn Sink + 'o>,
     tx: Option<mpsc::SyncSender<Batch>>,
     batch: Batch,
@@ -265,7 +269,7 @@ struct Decoder<'a, 'o> {
 impl<'a, 'o> Decoder<'a, 'o> {
     fn new(
         h: &'a Header,
-        random: Option<&'a FileView>,
+        random: Option<&'a dyn View>,
         out: &'a Output<'o, dyn Sink + 'o>,
         opts: &crate::decode::Options,
         tx: mpsc::SyncSender<Batch>,
@@ -275,6 +279,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
             h,
             cluster: h.cluster_size(),
             random,
+            upfront: random.is_some_and(|r| r.cheap()),
             out,
             tx: Some(tx),
             batch: Batch::default(),
@@ -286,7 +291,8 @@ impl<'a, 'o> Decoder<'a, 'o> {
             runs: BTreeMap::new(),
             compressed: BTreeMap::new(),
             partial: Vec::new(),
-            pending: Pending::new(opts.pending_memory, opts.scratch_dir.clone()),
+            pending: Pending::new(opts.pending_memory, opts.scratch_dir.clone())
+                .discarding_over_limit(random.is_some()),
             pos: 0,
         }
     }
@@ -301,7 +307,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
             self.l1 = Some(Vec::new());
         }
         // With random access, tables are read directly, wherever they are.
-        if self.random.is_some() && self.h.l1_size > 0 {
+        if self.upfront && self.h.l1_size > 0 {
             let bytes = self.read_behind(self.h.l1_table_offset, self.l1_len(), "the L1 table")?;
             self.parse_l1(&bytes)?;
         }
@@ -439,7 +445,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
         }
 
         // 3. What nobody claimed may be claimed later.
-        if self.may_still_claim() && self.random.is_none() {
+        if self.may_still_claim() && !self.upfront {
             claimed.push((
                 self.h.refcount_table_offset,
                 self.h.refcount_table_offset
@@ -509,6 +515,9 @@ impl<'a, 'o> Decoder<'a, 'o> {
     /// Reads `len` bytes the stream has passed: from random access or the pending store.
     fn read_behind(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len];
+        if !self.upfront && self.pending.read(offset, &mut out)? {
+            return Ok(out);
+        }
         if let Some(random) = self.random {
             let file_len = random.len();
             // The image may end inside the last data cluster: the rest reads zero.
@@ -526,9 +535,6 @@ impl<'a, 'o> Decoder<'a, 'o> {
                 out[at..at + n].copy_from_slice(&bytes);
                 at += n;
             }
-            return Ok(out);
-        }
-        if self.pending.read(offset, &mut out)? {
             return Ok(out);
         }
         Err(err!(
@@ -560,7 +566,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
         }
         self.l1 = Some(l1);
         for (l2, index) in wanted {
-            if l2 < self.pos || self.random.is_some() {
+            if l2 < self.pos || self.upfront {
                 let table = self.read_behind(l2, self.cluster as usize, "L2 table")?;
                 self.parse_l2(index, &table)?;
                 self.l2_seen.insert(l2);
@@ -731,11 +737,18 @@ impl<'a, 'o> Decoder<'a, 'o> {
     /// image, or past what was kept of its last sector (a neighbour claimed it), so take the
     /// bytes that are there; the inflater tells whether they hold the whole cluster.
     fn read_behind_compressed(&self, host: u64, max_len: u64) -> Result<Vec<u8>> {
+        let bytes = if self.upfront {
+            Vec::new()
+        } else {
+            self.pending.read_prefix(host, max_len as usize)?
+        };
+        if bytes.len() as u64 == max_len {
+            return Ok(bytes);
+        }
         if let Some(random) = self.random {
             let len = max_len.min(random.len().saturating_sub(host));
             return self.read_behind(host, len as usize, "compressed cluster");
         }
-        let bytes = self.pending.read_prefix(host, max_len as usize)?;
         if bytes.is_empty() {
             return self.read_behind(host, max_len as usize, "compressed cluster");
         }

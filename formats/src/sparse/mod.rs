@@ -252,7 +252,10 @@ impl DiskWriter {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
-        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let before = self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if before / WRITEBACK_EVERY != (before + data.len() as u64) / WRITEBACK_EVERY {
+            start_writeback(&self.file);
+        }
         if let Some(covered) = &self.covered {
             covered
                 .lock()
@@ -260,6 +263,20 @@ impl DiskWriter {
                 .add(offset, offset + data.len() as u64);
         }
         Ok(())
+    }
+}
+
+/// Bytes written between two nudges to the kernel to start writing dirty pages back.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// Starts writing back what is dirty, without waiting: the disk works while decoding goes
+/// on, so the final `fsync` has little left to do and dirty memory stays bounded. Only a
+/// hint (a no-op on tmpfs): failures are ignored.
+pub fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range takes plain integers; the descriptor is owned by `file`.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 

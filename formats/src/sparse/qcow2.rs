@@ -420,8 +420,11 @@ impl Sink for Qcow2Writer {
             self.file
                 .write_all_at(&data[s.start..s.end], s.host)
                 .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
-            self.written
-                .fetch_add((s.end - s.start) as u64, Ordering::Relaxed);
+            let len = (s.end - s.start) as u64;
+            let before = self.written.fetch_add(len, Ordering::Relaxed);
+            if before / super::WRITEBACK_EVERY != (before + len) / super::WRITEBACK_EVERY {
+                super::start_writeback(&self.file);
+            }
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ use crate::decode::Job;
 use crate::error::{Error, Result, err};
 use crate::sink::{Output, Sink};
 use crate::stream::Stream;
-use crate::view::{FileView, MAX_READ, View, check_range};
+use crate::view::{MAX_READ, View, check_range};
 
 /// Largest read and write of raw grain data.
 const CHUNK: usize = 4 << 20;
@@ -88,7 +88,7 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
         opts,
         ..
     } = job;
-    let mut reader = Reader::new(stream, random.as_ref(), by_markers);
+    let mut reader = Reader::new(stream, random.as_deref().map(|r| r as &dyn View), by_markers);
     let geometry = Geometry {
         grain: layout.grain_bytes(),
         size: layout.virtual_size(),
@@ -133,14 +133,14 @@ struct Geometry {
 /// behind, and (for the marker path) the last bytes read, where a footer would be.
 struct Reader<'j> {
     stream: &'j mut Stream,
-    random: Option<&'j FileView>,
+    random: Option<&'j dyn View>,
     scratch: Vec<u8>,
     /// The last [`super::FOOTER_LEN`] bytes read, when tracked.
     tail: Option<Vec<u8>>,
 }
 
 impl<'j> Reader<'j> {
-    fn new(stream: &'j mut Stream, random: Option<&'j FileView>, track_tail: bool) -> Self {
+    fn new(stream: &'j mut Stream, random: Option<&'j dyn View>, track_tail: bool) -> Self {
         Self {
             stream,
             random,
