@@ -174,12 +174,15 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
                 } else {
                     None
                 };
-                dvcr_formats::stream::advise_sequential(&file);
                 let random = len.and_then(|len| {
                     let clone = file.try_clone().ok()?;
                     Some(Box::new(FileView::new(clone, len)) as RandomAccess)
                 });
-                (Box::new(file), random, len)
+                (
+                    Box::new(dvcr_formats::stream::SequentialFile::new(file)),
+                    random,
+                    len,
+                )
             }
             Location::Stdin => (Box::new(source::stdin()), None, None),
             Location::Http(url) => {

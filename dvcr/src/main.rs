@@ -6,8 +6,10 @@
 
 mod convert;
 mod inspect;
+mod registry;
 mod ui;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +21,11 @@ struct Cli {
     /// Log filter for diagnostics on stderr (e.g. `debug`, `dvcr_formats=trace`).
     #[arg(long, global = true, env = "DVCR_LOG", default_value = "warn")]
     log: String,
+
+    /// Log format on stderr: `auto` is human-readable on a terminal and JSON lines
+    /// otherwise (for log collectors).
+    #[arg(long, global = true, env = "DVCR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -39,18 +46,51 @@ enum Command {
     /// gzip/xz/zstd/bzip2; decodes qcow2, vmdk, vdi, vhd, vhdx, iso or raw on the way; writes
     /// only non-zero data and fsyncs before it reports success.
     Convert(convert::Args),
+
+    /// Serve the registry: OCI Distribution v1.1 over HTTP(S), storing under --root.
+    ///
+    /// Prints `listening on <addr>` once bound, then serves until SIGTERM or SIGINT.
+    Serve(registry::ServeArgs),
+
+    /// Free the registry's blobs that no manifest reaches (offline: the server must be
+    /// stopped; `dvcr serve --gc-interval` collects online).
+    ///
+    /// Keeps every manifest (tagged or not, unless --delete-untagged) with its config,
+    /// layers, index children and referrers, and every blob younger than --grace.
+    Gc(registry::gc::GcArgs),
+}
+
+/// How diagnostics are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
+    let json = match cli.log_format {
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Text => false,
+        LogFormat::Json => true,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Serve(args) => registry::run(&args),
+        Command::Gc(args) => registry::gc::run(&args),
     }
 }

@@ -291,7 +291,9 @@ impl HttpRanges {
                     let _ = reply.send(answer);
                 }
             })
-            .map_err(|e| SourceError::Invalid(format!("cannot start the HTTP client thread: {e}")))?;
+            .map_err(|e| {
+                SourceError::Invalid(format!("cannot start the HTTP client thread: {e}"))
+            })?;
         Ok(Self {
             url: url.to_owned(),
             len,

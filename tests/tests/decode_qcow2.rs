@@ -100,12 +100,7 @@ qcow2_case!(a_qcow2_with_2m_clusters_decodes_like_qemu, |s| written(
 ));
 qcow2_case!(
     a_qcow2_with_extended_l2_and_partial_subclusters_decodes_like_qemu,
-    |s| written(
-        &s,
-        "a.qcow2",
-        64,
-        &["extended_l2=on", "cluster_size=128k"]
-    )
+    |s| written(&s, "a.qcow2", 64, &["extended_l2=on", "cluster_size=128k"])
 );
 qcow2_case!(a_qcow2_with_metadata_preallocation_decodes_like_qemu, |s| {
     written(&s, "a.qcow2", 32, &["preallocation=metadata"])
@@ -140,20 +135,22 @@ qcow2_case!(a_zstd_compressed_qcow2_decodes_like_qemu, |s| converted(
     &["compression_type=zstd"],
     true
 ));
-qcow2_case!(
-    a_compressed_qcow2_with_4k_clusters_decodes_like_qemu,
-    |s| converted(&s, "c.qcow2", &["cluster_size=4096"], true)
-);
-qcow2_case!(
-    a_compressed_qcow2_with_2m_clusters_decodes_like_qemu,
-    |s| converted(&s, "c.qcow2", &["cluster_size=2M"], true)
-);
+qcow2_case!(a_compressed_qcow2_with_4k_clusters_decodes_like_qemu, |s| {
+    converted(&s, "c.qcow2", &["cluster_size=4096"], true)
+});
+qcow2_case!(a_compressed_qcow2_with_2m_clusters_decodes_like_qemu, |s| {
+    converted(&s, "c.qcow2", &["cluster_size=2M"], true)
+});
 qcow2_case!(
     a_qcow2_whose_odd_virtual_size_ends_inside_a_cluster_decodes_like_qemu,
     |s| {
         let p = s.path("odd.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", path(&p), "10000000"]);
-        qemu_io("qcow2", &p, &["write -P 0x42 9999360 640", "write -P 1 0 4k"]);
+        qemu_io(
+            "qcow2",
+            &p,
+            &["write -P 0x42 9999360 640", "write -P 1 0 4k"],
+        );
         p
     }
 );

@@ -32,10 +32,10 @@ fn decode_to_qcow2(
     let random = match feed {
         Feed::File => {
             let len = file.metadata().expect("image metadata").len();
-            Some(dvcr_formats::FileView::new(
+            Some(Box::new(dvcr_formats::FileView::new(
                 file.try_clone().expect("cloning the file handle"),
                 len,
-            ))
+            )) as dvcr_formats::RandomAccess)
         }
         Feed::Stream => None,
     };

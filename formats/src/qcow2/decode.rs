@@ -173,9 +173,9 @@ impl Inflater {
         let produced = match self.kind {
             ClusterCompression::Deflate => {
                 self.deflate.reset(false);
-                let status = self
-                    .deflate
-                    .decompress(src, &mut self.buf, flate2::FlushDecompress::Finish);
+                let status =
+                    self.deflate
+                        .decompress(src, &mut self.buf, flate2::FlushDecompress::Finish);
                 if let Err(e) = status {
                     return Err(err!(
                         Corrupt,
@@ -366,11 +366,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
             }
         }
         loop {
-            let here: Vec<u64> = self
-                .l2_wanted
-                .range(start..end)
-                .map(|(&k, _)| k)
-                .collect();
+            let here: Vec<u64> = self.l2_wanted.range(start..end).map(|(&k, _)| k).collect();
             if here.is_empty() {
                 break;
             }
@@ -703,7 +699,13 @@ impl<'a, 'o> Decoder<'a, 'o> {
             && !run.started
         {
             let merged = run.len + len;
-            self.runs.insert((h, g), Run { len: merged, ..*run });
+            self.runs.insert(
+                (h, g),
+                Run {
+                    len: merged,
+                    ..*run
+                },
+            );
             return Ok(());
         }
         self.runs.insert(
@@ -959,9 +961,7 @@ mod tests {
             (5, compressed_entry(DATA_AT + C, packed.len())),
         ];
         let full = image(&entries, &data);
-        let spots = (0..112)
-            .chain(L1_AT..L1_AT + 16)
-            .chain(L2_AT..L2_AT + 48);
+        let spots = (0..112).chain(L1_AT..L1_AT + 16).chain(L2_AT..L2_AT + 48);
         for at in spots {
             for value in [0xffu8, 0x80, 0x01] {
                 let mut bytes = full.clone();

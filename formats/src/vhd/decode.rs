@@ -297,7 +297,12 @@ mod tests {
             image.len() as u64,
         );
         let sink = MemorySink::new(1 << 30);
-        let decoded = decode(Box::new(file), Some(view), &sink, &Options::default());
+        let decoded = decode(
+            Box::new(file),
+            Some(Box::new(view)),
+            &sink,
+            &Options::default(),
+        );
         let _ = std::fs::remove_dir_all(&dir);
         decoded?;
         assert!(sink.contents().iter().all(|&b| b == 1));

@@ -382,7 +382,7 @@ mod tests {
             let mut tmp = tempfile::tempfile().map_err(|e| crate::Error::io("temp file", e))?;
             tmp.write_all(img)
                 .map_err(|e| crate::Error::io("temp file", e))?;
-            Some(crate::FileView::new(tmp, img.len() as u64))
+            Some(Box::new(crate::FileView::new(tmp, img.len() as u64)) as crate::RandomAccess)
         } else {
             None
         };

@@ -88,7 +88,11 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
         opts,
         ..
     } = job;
-    let mut reader = Reader::new(stream, random.as_deref().map(|r| r as &dyn View), by_markers);
+    let mut reader = Reader::new(
+        stream,
+        random.as_deref().map(|r| r as &dyn View),
+        by_markers,
+    );
     let geometry = Geometry {
         grain: layout.grain_bytes(),
         size: layout.virtual_size(),
@@ -961,7 +965,10 @@ mod tests {
     fn run_file(bytes: &[u8]) -> (Result<Decoded>, Vec<u8>) {
         let mut file = tempfile::tempfile().expect("a temp file");
         file.write_all(bytes).expect("writing the temp file");
-        let view = FileView::new(file.try_clone().expect("cloning"), bytes.len() as u64);
+        let view: crate::RandomAccess = Box::new(crate::FileView::new(
+            file.try_clone().expect("cloning"),
+            bytes.len() as u64,
+        ));
         let source = Box::new(std::io::BufReader::new(Cursor::new(bytes.to_vec())));
         let sink = MemorySink::new(1 << 30);
         let result = crate::decode::decode(source, Some(view), &sink, &Options::default());
