@@ -244,10 +244,13 @@ fn decode_into(
     opts: &Options,
     args: &Args,
 ) -> anyhow::Result<Decoded> {
-    // On failure the writer is dropped unfinished: a file target never appears under its
-    // name (and an existing file there is left as it was).
-    dvcr_formats::decode(reader, random, sink, opts)
-        .map_err(|e| anyhow::Error::new(e).context(args.src.clone()))
+    // Writes go to a thread of their own, so that copying into the target runs on another
+    // core than decoding. On failure the writer is dropped unfinished: a file target never
+    // appears under its name (and an existing file there is left as it was).
+    dvcr_formats::sink::write_behind(sink, |behind| {
+        dvcr_formats::decode(reader, random, behind, opts)
+    })
+    .map_err(|e| anyhow::Error::new(e).context(args.src.clone()))
 }
 
 /// Parses `1048576`, `512K`, `10G`, `1.5T`, `20GiB` (binary units).

@@ -174,6 +174,58 @@ mod tests {
     }
 
     #[test]
+    fn write_behind_delivers_every_non_zero_byte_from_several_threads() {
+        let sink = MemorySink::new(64 << 20);
+        let result = write_behind(&sink, |behind| {
+            behind.set_size(32 << 20)?;
+            std::thread::scope(|scope| {
+                for t in 0..4u64 {
+                    scope.spawn(move || {
+                        for i in 0..64u64 {
+                            let at = (t * 64 + i) * 100_000;
+                            let data = vec![(t * 64 + i) as u8 | 1; 70_000];
+                            assert!(behind.write_at(at, &data).is_ok());
+                            // Zero blocks are skipped, not written over data.
+                            assert!(behind.write_at(at + 80_000, &[0u8; 8192]).is_ok());
+                        }
+                    });
+                }
+            });
+            Ok(())
+        });
+        assert!(result.is_ok(), "{result:?}");
+        let disk = sink.contents();
+        assert_eq!(disk.len(), 32 << 20);
+        for k in 0..256u64 {
+            let at = (k * 100_000) as usize;
+            assert!(
+                disk[at..at + 70_000].iter().all(|&b| b == k as u8 | 1),
+                "run {k}"
+            );
+            assert!(
+                disk[at + 70_000..at + 100_000].iter().all(|&b| b == 0),
+                "gap {k}"
+            );
+        }
+    }
+
+    #[test]
+    fn write_behind_reports_the_targets_error() {
+        let sink = MemorySink::new(1 << 20);
+        let result = write_behind(&sink, |behind| {
+            behind.write_at(0, &[1u8; 4096])?;
+            behind.write_at(2 << 20, &[1u8; 4096])?;
+            Ok(())
+        });
+        assert_eq!(result.err().map(|e| e.kind()), Some(ErrorKind::OutOfBounds));
+        let refused = write_behind(&sink, |behind| behind.set_size(4 << 20));
+        assert_eq!(
+            refused.err().map(|e| e.kind()),
+            Some(ErrorKind::OutOfBounds)
+        );
+    }
+
+    #[test]
     fn output_refuses_writes_past_the_declared_size() {
         let sink = MemorySink::new(1 << 20);
         let mut out = Output::new(&sink);
@@ -184,5 +236,202 @@ mod tests {
         let kind = out.write(u64::MAX - 2, &[1; 200]).err().map(|e| e.kind());
         assert_eq!(kind, Some(ErrorKind::Corrupt));
         assert_eq!(out.written(), 4096);
+    }
+}
+
+/// Bytes a write-behind batch holds.
+const BEHIND_BATCH: usize = 4 << 20;
+/// Batches in flight (memory: this many times [`BEHIND_BATCH`]).
+const BEHIND_DEPTH: usize = 3;
+
+/// Runs `work` with a sink that hands its writes to a thread of its own, which writes them
+/// to `inner`: copying into the page cache (or the device queue) then runs on another core
+/// than decoding. Only non-zero 4 KiB blocks are handed over (zero blocks are never written
+/// by the target writers anyway), in batches of a few MiB with bounded memory. Every write
+/// has reached `inner` (or its error is returned) when this returns.
+pub fn write_behind<R>(
+    inner: &(dyn Sink + '_),
+    work: impl FnOnce(&dyn Sink) -> Result<R>,
+) -> Result<R> {
+    use std::sync::mpsc;
+    let failure: std::sync::Mutex<Option<crate::Error>> = std::sync::Mutex::new(None);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (failure, failed) = (&failure, &failed);
+    let fail = move |e: crate::Error| {
+        failed.store(true, Ordering::Relaxed);
+        if let Ok(mut slot) = failure.lock() {
+            slot.get_or_insert(e);
+        }
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Behind>(BEHIND_DEPTH);
+        let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(BEHIND_DEPTH + 1);
+        for _ in 0..BEHIND_DEPTH {
+            let _ = free_tx.send(Vec::with_capacity(BEHIND_BATCH));
+        }
+        let writer = scope.spawn(move || {
+            for message in rx {
+                match message {
+                    Behind::Write { buf, items } => {
+                        if !failed.load(Ordering::Relaxed) {
+                            for (offset, start, len) in items {
+                                if let Err(e) = inner.write_at(offset, &buf[start..start + len]) {
+                                    fail(e);
+                                    break;
+                                }
+                            }
+                        }
+                        let mut buf = buf;
+                        buf.clear();
+                        let _ = free_tx.send(buf);
+                    }
+                    Behind::SetSize(size, reply) => {
+                        let _ = reply.send(inner.set_size(size));
+                    }
+                }
+            }
+        });
+        let sink = BehindSink {
+            tx: Some(tx),
+            free: std::sync::Mutex::new(free_rx),
+            current: std::sync::Mutex::new(Pending::default()),
+            failed,
+        };
+        let result = work(&sink);
+        let flushed = sink.flush();
+        drop(sink);
+        if writer.join().is_err() {
+            return Err(err!(Io, "the writer thread stopped unexpectedly"));
+        }
+        if let Some(e) = failure.lock().ok().and_then(|mut slot| slot.take()) {
+            return Err(e);
+        }
+        let value = result?;
+        flushed?;
+        Ok(value)
+    })
+}
+
+enum Behind {
+    /// Data in `buf`: (guest offset, start, length) each.
+    Write {
+        buf: Vec<u8>,
+        items: Vec<(u64, usize, usize)>,
+    },
+    SetSize(u64, std::sync::mpsc::SyncSender<Result<()>>),
+}
+
+#[derive(Default)]
+struct Pending {
+    buf: Option<Vec<u8>>,
+    items: Vec<(u64, usize, usize)>,
+}
+
+struct BehindSink<'s> {
+    tx: Option<std::sync::mpsc::SyncSender<Behind>>,
+    free: std::sync::Mutex<std::sync::mpsc::Receiver<Vec<u8>>>,
+    current: std::sync::Mutex<Pending>,
+    failed: &'s std::sync::atomic::AtomicBool,
+}
+
+impl BehindSink<'_> {
+    fn stopped() -> crate::Error {
+        err!(Io, "the writer thread stopped")
+    }
+
+    fn send(&self, message: Behind) -> Result<()> {
+        self.tx
+            .as_ref()
+            .ok_or_else(Self::stopped)?
+            .send(message)
+            .map_err(|_| Self::stopped())
+    }
+
+    /// Sends what is batched.
+    fn flush_locked(&self, current: &mut Pending) -> Result<()> {
+        if let Some(buf) = current.buf.take() {
+            let items = std::mem::take(&mut current.items);
+            if items.is_empty() {
+                // Nothing in it: keep the buffer for the next batch.
+                current.buf = Some(buf);
+                return Ok(());
+            }
+            self.send(Behind::Write { buf, items })?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut current = self.current.lock().map_err(|_| Self::stopped())?;
+        self.flush_locked(&mut current)
+    }
+
+    /// Appends one non-zero run to the batch, sending full batches.
+    fn push(&self, current: &mut Pending, mut offset: u64, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            if current.buf.is_none() {
+                let buf = self
+                    .free
+                    .lock()
+                    .map_err(|_| Self::stopped())?
+                    .recv()
+                    .map_err(|_| Self::stopped())?;
+                current.buf = Some(buf);
+            }
+            let Some(buf) = current.buf.as_mut() else {
+                return Err(Self::stopped());
+            };
+            let room = BEHIND_BATCH - buf.len();
+            if room == 0 {
+                self.flush_locked(current)?;
+                continue;
+            }
+            let take = room.min(data.len());
+            let start = buf.len();
+            buf.extend_from_slice(&data[..take]);
+            current.items.push((offset, start, take));
+            offset += take as u64;
+            data = &data[take..];
+        }
+        Ok(())
+    }
+}
+
+impl Sink for BehindSink<'_> {
+    fn set_size(&self, size: u64) -> Result<()> {
+        // Writes batched so far reach the target before its size changes.
+        self.flush()?;
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.send(Behind::SetSize(size, reply))?;
+        answer.recv().map_err(|_| Self::stopped())?
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(err!(Io, "writing the target failed"));
+        }
+        let mut current = self.current.lock().map_err(|_| Self::stopped())?;
+        // Hand over only the runs of non-zero blocks, aligned to the guest disk's blocks.
+        const BLOCK: u64 = 4096;
+        let mut pos = 0usize;
+        let mut run: Option<usize> = None;
+        while pos < data.len() {
+            let guest = offset + pos as u64;
+            let end = (pos + (BLOCK - guest % BLOCK) as usize).min(data.len());
+            let zero = is_zero(&data[pos..end]);
+            match (zero, run) {
+                (true, Some(start)) => {
+                    self.push(&mut current, offset + start as u64, &data[start..pos])?;
+                    run = None;
+                }
+                (false, None) => run = Some(pos),
+                _ => {}
+            }
+            pos = end;
+        }
+        if let Some(start) = run {
+            self.push(&mut current, offset + start as u64, &data[start..])?;
+        }
+        Ok(())
     }
 }
