@@ -34,3 +34,21 @@ fn a_raw_image_in_every_wrapper_decodes_to_the_same_disk() {
         dvcr_tests::assert_same_as_qemu(&raw, "raw", &out);
     }
 }
+
+#[test]
+fn an_iso_image_is_copied_as_a_cdrom_from_a_file_and_a_stream() {
+    let s = Scratch::new();
+    let content = s.path("iso-content");
+    std::fs::create_dir_all(&content).expect("content dir");
+    std::fs::write(content.join("blob.bin"), dvcr_tests::noise(3_000_000, 4)).expect("file");
+    let iso = s.path("a.iso");
+    dvcr_tests::run(
+        std::process::Command::new("genisoimage")
+            .args(["-quiet", "-V", "cidata", "-J", "-r", "-o"])
+            .arg(&iso)
+            .arg(&content),
+    );
+    let decoded = decodes_like_qemu(&s, &iso, "raw");
+    assert_eq!(decoded.info.format, dvcr_formats::Format::Iso);
+    assert!(decoded.info.format.is_cdrom());
+}

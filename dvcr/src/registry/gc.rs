@@ -22,13 +22,20 @@
 //! - A collection starts a new *generation* and waits until every reference-creating write of
 //!   an older generation (manifest PUT, blob commit, mount; each holds a [`WriteTicket`]) has
 //!   finished: from then on, the revisions the mark walk reads include them.
+//! - An unreferenced blob linked into a repository with an upload session open, or with
+//!   upload or mount activity within the grace period, stays: a multi-layer push keeps its
+//!   first layers while it uploads the last ones, however long that takes. (A repository
+//!   that is pushed to all the time has its garbage collected once it has been quiet for
+//!   the grace period; an abandoned session counts until it expires.)
 //! - While a collection runs, every write that is about to rely on an existing blob or
 //!   revision first *protects* it ([`Coordinator::protect`]), then checks that it exists; the
 //!   sweep deletes only under the same lock, and skips what is protected. So either the
 //!   delete comes first and the write sees the blob missing (a clean `BLOB_UNKNOWN`, never a
 //!   manifest pointing at nothing), or the protection comes first and the blob stays.
 //!
-//! Known limit: a client that saw an old, unreferenced blob with `HEAD` *before* a
+//! Known limits: the coordination is in-process, so with several `dvcr serve` replicas on one
+//! shared root only the grace period protects the writes of the other replicas (run the
+//! online collector with a generous grace there). A client that saw an old, unreferenced blob with `HEAD` *before* a
 //! collection started and pushes the manifest naming it *after* the collection deleted it
 //! gets `MANIFEST_BLOB_UNKNOWN` and has to push the blob again; that needs a blob left
 //! unreferenced for longer than the grace period.
@@ -91,6 +98,10 @@ struct CoordState {
     inflight: HashMap<u64, usize>,
     /// Blobs (`<digest>`) and revisions (`<repository>@<digest>`) writes rely on.
     protected: HashSet<String>,
+    /// Open upload sessions per repository.
+    uploads: HashMap<String, usize>,
+    /// Last upload or mount activity per repository.
+    activity: HashMap<String, SystemTime>,
 }
 
 /// Held by a write that creates references (manifest PUT, blob commit, mount) for its whole
@@ -141,6 +152,32 @@ impl Coordinator {
         }
     }
 
+    /// An upload session of `repository` was opened.
+    pub fn upload_opened(&self, repository: &str) {
+        let mut s = self.lock();
+        *s.uploads.entry(repository.to_owned()).or_default() += 1;
+        s.activity.insert(repository.to_owned(), SystemTime::now());
+    }
+
+    /// An upload session of `repository` was committed, cancelled or expired.
+    pub fn upload_closed(&self, repository: &str) {
+        let mut s = self.lock();
+        if let Some(n) = s.uploads.get_mut(repository) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.uploads.remove(repository);
+            }
+        }
+        s.activity.insert(repository.to_owned(), SystemTime::now());
+    }
+
+    /// A blob was mounted into `repository`.
+    pub fn repository_written(&self, repository: &str) {
+        self.lock()
+            .activity
+            .insert(repository.to_owned(), SystemTime::now());
+    }
+
     /// Key of a revision in the protected set.
     pub fn revision_key(repository: &str, digest: &Digest) -> String {
         format!("{repository}@{digest}")
@@ -187,13 +224,34 @@ impl Coordinator {
     /// Runs `delete` unless `key` is protected, holding the lock so that no write can start
     /// relying on it meanwhile; None when protected.
     fn unless_protected<T>(&self, key: &str, delete: impl FnOnce() -> T) -> Option<T> {
+        self.unless_claimed(key, &[], Duration::ZERO, delete)
+    }
+
+    /// Like [`unless_protected`](Self::unless_protected), and also None when one of
+    /// `repositories` has an upload open or had upload activity within `grace`: a push in
+    /// progress there may still name the blob in its manifest.
+    fn unless_claimed<T>(
+        &self,
+        key: &str,
+        repositories: &[String],
+        grace: Duration,
+        delete: impl FnOnce() -> T,
+    ) -> Option<T> {
         let s = self.lock();
-        if s.protected.contains(key) {
+        let busy = |r: &String| {
+            s.uploads.contains_key(r) || s.activity.get(r).is_some_and(|t| age(Ok(*t)) < grace)
+        };
+        if s.protected.contains(key) || repositories.iter().any(busy) {
             return None;
         }
         let out = delete();
         drop(s);
         Some(out)
+    }
+
+    /// Forgets repository activity older than `grace`.
+    fn prune_activity(&self, grace: Duration) {
+        self.lock().activity.retain(|_, t| age(Ok(*t)) < grace);
     }
 }
 
@@ -329,14 +387,29 @@ fn descriptor_digest(v: &Value) -> Option<Digest> {
     Digest::parse(v.get("digest")?.as_str()?).ok()
 }
 
+/// What the mark phase has reached: every digest, and the manifests already read.
+#[derive(Default)]
+struct Marks {
+    marked: HashSet<Digest>,
+    parsed: HashSet<Digest>,
+}
+
+impl Marks {
+    fn contains(&self, d: &Digest) -> bool {
+        self.marked.contains(d)
+    }
+}
+
 /// Marks a manifest, its config, layers and (recursively) index children.
-fn mark_manifest(layout: &Layout, d: &Digest, marked: &mut HashSet<Digest>, depth: usize) {
-    if !marked.insert(d.clone()) || depth > MAX_DEPTH {
+fn mark_manifest(layout: &Layout, d: &Digest, marks: &mut Marks, depth: usize) {
+    marks.marked.insert(d.clone());
+    if !marks.parsed.insert(d.clone()) || depth > MAX_DEPTH {
         return;
     }
     let Some(json) = layout.manifest_json(d) else {
         return;
     };
+    let marked = &mut marks.marked;
     if let Some(c) = json.get("config").and_then(descriptor_digest) {
         marked.insert(c);
     }
@@ -357,7 +430,7 @@ fn mark_manifest(layout: &Layout, d: &Digest, marked: &mut HashSet<Digest>, dept
         .flatten()
     {
         if let Some(m) = descriptor_digest(m) {
-            mark_manifest(layout, &m, marked, depth + 1);
+            mark_manifest(layout, &m, marks, depth + 1);
         }
     }
 }
@@ -421,7 +494,7 @@ fn split_untagged(
         .collect();
     // Fixpoint over "listed by a kept index" and "refers to a kept subject".
     loop {
-        let mut reach = HashSet::new();
+        let mut reach = Marks::default();
         for d in &keep {
             mark_manifest(layout, d, &mut reach, 0);
         }
@@ -526,6 +599,7 @@ pub async fn collect(
         tokio::task::spawn_blocking(move || mark_and_sweep(&layout, &coord, &repos, &opts, report))
             .await
             .map_err(|e| GcError::Io(io::Error::other(e)))??;
+    coordinator.prune_activity(options.grace);
     drop(running);
     report.seconds = started.elapsed().as_secs_f64();
     if let Some(m) = metrics {
@@ -542,8 +616,8 @@ fn mark_and_sweep(
     mut report: GcReport,
 ) -> Result<GcReport, GcError> {
     // Mark.
-    let mut marked: HashSet<Digest> = HashSet::new();
-    let mut links: HashMap<Digest, Vec<PathBuf>> = HashMap::new();
+    let mut marked = Marks::default();
+    let mut links: HashMap<Digest, Vec<(String, PathBuf)>> = HashMap::new();
     report.repositories = repos.len();
     for repo in repos {
         let revs = revisions(layout, repo)?;
@@ -570,7 +644,7 @@ fn mark_and_sweep(
             mark_manifest(layout, &rev.digest, &mut marked, 0);
         }
         for (digest, path) in digests_in(&layout.repo(repo).join("_layers"))? {
-            links.entry(digest).or_default().push(path);
+            links.entry(digest).or_default().push((repo.clone(), path));
         }
     }
 
@@ -599,7 +673,8 @@ fn mark_and_sweep(
             report.links_removed += blob_links.len();
             continue;
         }
-        let outcome = coordinator.unless_protected(&digest.to_string(), || {
+        let repos: Vec<String> = blob_links.iter().map(|(r, _)| r.clone()).collect();
+        let outcome = coordinator.unless_claimed(&digest.to_string(), &repos, grace, || {
             // Re-check under the lock: a commit may have refreshed it since the walk.
             let meta = fs::metadata(&path)?;
             if age(meta.modified()) < grace {
@@ -607,7 +682,7 @@ fn mark_and_sweep(
             }
             fs::remove_file(&path)?;
             let mut removed = 0;
-            for link in blob_links {
+            for (_, link) in blob_links {
                 if fs::remove_file(link).is_ok() {
                     removed += 1;
                 }

@@ -64,11 +64,11 @@ use super::names::{Algorithm, Digest};
 const IO_BUFFER: usize = 1 << 20;
 
 /// Frames queued between a request body and its writer thread.
-const WRITE_QUEUE: usize = 8;
+const WRITE_QUEUE: usize = 4;
 /// Request body frames are gathered into pieces of this size before they cross to the writer
 /// thread: clients that stream in small frames (skopeo sends a few KiB at a time) would
 /// otherwise cost a thread wake-up per frame (measured: 10x the futex calls of curl).
-const COALESCE: usize = 512 << 10;
+const COALESCE: usize = 256 << 10;
 
 /// What a storage operation can fail with.
 #[derive(Debug, Error)]
