@@ -195,6 +195,29 @@ pub enum Feed {
     Stream,
 }
 
+/// Opens `image` as a decoder source: the bytes, and random access to them when `feed` is
+/// [`Feed::File`].
+pub fn open_image(
+    image: &Path,
+    feed: Feed,
+) -> (
+    dvcr_formats::compress::BoxRead,
+    Option<dvcr_formats::RandomAccess>,
+) {
+    let file = fs::File::open(image).expect("opening the image");
+    let random = match feed {
+        Feed::File => {
+            let len = file.metadata().expect("image metadata").len();
+            Some(Box::new(dvcr_formats::FileView::new(
+                file.try_clone().expect("cloning the file handle"),
+                len,
+            )) as dvcr_formats::RandomAccess)
+        }
+        Feed::Stream => None,
+    };
+    (Box::new(file), random)
+}
+
 /// Decodes `image` with `dvcr-formats` into a sparse raw file and returns the decode
 /// summary and the raw file's path.
 pub fn decode_to_raw(
@@ -212,18 +235,8 @@ pub fn decode_to_raw(
             .unwrap_or("image")
     ));
     let writer = DiskWriter::create(&out, TargetOptions::default())?;
-    let file = fs::File::open(image).expect("opening the image");
-    let random = match feed {
-        Feed::File => {
-            let len = file.metadata().expect("image metadata").len();
-            Some(Box::new(dvcr_formats::FileView::new(
-                file.try_clone().expect("cloning the file handle"),
-                len,
-            )) as dvcr_formats::RandomAccess)
-        }
-        Feed::Stream => None,
-    };
-    let decoded = dvcr_formats::decode(Box::new(file), random, &writer, opts)?;
+    let (file, random) = open_image(image, feed);
+    let decoded = dvcr_formats::decode(file, random, &writer, opts)?;
     writer.finish()?;
     Ok((decoded, out))
 }

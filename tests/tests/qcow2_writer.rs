@@ -28,23 +28,8 @@ fn decode_to_qcow2(
             .unwrap_or("image")
     ));
     let writer = Qcow2Writer::create(&out, opts)?;
-    let file = fs::File::open(image).expect("opening the image");
-    let random = match feed {
-        Feed::File => {
-            let len = file.metadata().expect("image metadata").len();
-            Some(Box::new(dvcr_formats::FileView::new(
-                file.try_clone().expect("cloning the file handle"),
-                len,
-            )) as dvcr_formats::RandomAccess)
-        }
-        Feed::Stream => None,
-    };
-    dvcr_formats::decode(
-        Box::new(file),
-        random,
-        &writer,
-        &dvcr_formats::Options::default(),
-    )?;
+    let (file, random) = dvcr_tests::open_image(image, feed);
+    dvcr_formats::decode(file, random, &writer, &dvcr_formats::Options::default())?;
     let written = writer.finish()?;
     Ok((written, out))
 }
