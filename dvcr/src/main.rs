@@ -1,10 +1,12 @@
 //! The `dvcr` command: one binary for every job of the project.
 //!
-//! Subcommands land as their issues do; today: `inspect`, which names a disk image's format,
-//! virtual size, compression and whether it is a CD-ROM, and `convert`, which turns any image
-//! into a ready disk in one pass; both read a file, standard input or an HTTP URL.
+//! `serve` runs DVCR (the registry), `import` fills DVCR or a disk from any source in one
+//! pass, `convert` turns any image into a ready disk, `inspect` names an image's format and
+//! sizes, and `gc` frees unreachable blobs. `dvcr-importer` (the job binary) is `import`
+//! configured by the platform's environment variables.
 
 mod convert;
+mod import;
 mod inspect;
 mod registry;
 mod ui;
@@ -46,6 +48,15 @@ enum Command {
     /// gzip/xz/zstd/bzip2; decodes qcow2, vmdk, vdi, vhd, vhdx, iso or raw on the way; writes
     /// only non-zero data and fsyncs before it reports success.
     Convert(convert::Args),
+
+    /// Import an image into DVCR or onto a disk, in one streaming pass.
+    ///
+    /// From an http(s) URL (checksums verified on the way, resumed after a dropped
+    /// connection), a container image (docker://host/repo:tag, the file under /disk/), an
+    /// existing disk or file, standard input, or blank:<size>; to a DVCR artifact
+    /// (docker://host/repo:tag, the tag pushed last) or a disk (block device, file, or a
+    /// directory's disk.img), fsynced before success.
+    Import(import::Args),
 
     /// Serve the registry: OCI Distribution v1.1 over HTTP(S), storing under --root.
     ///
@@ -90,6 +101,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Import(args) => import::run(&args),
         Command::Serve(args) => registry::run(&args),
         Command::Gc(args) => registry::gc::run(&args),
     }

@@ -29,6 +29,9 @@ pub struct Options {
     pub pending_memory: usize,
     /// Threads that decompress compressed clusters (qcow2, streamOptimized vmdk).
     pub threads: usize,
+    /// Refuse ISO images before writing a byte: a disk (VirtualDisk) cannot be made from
+    /// a CD-ROM image.
+    pub refuse_cdrom: bool,
 }
 
 impl Default for Options {
@@ -40,6 +43,7 @@ impl Default for Options {
                 .map(|n| n.get())
                 .unwrap_or(2)
                 .clamp(1, 8),
+            refuse_cdrom: false,
         }
     }
 }
@@ -150,6 +154,13 @@ const FOOTER: usize = 512;
 /// Copies a raw image (or ISO, or fixed VHD) to the output.
 fn raw(job: &mut Job<'_>, head: &[u8]) -> Result<ImageInfo> {
     let is_iso = iso::matches(head);
+    if is_iso && job.opts.refuse_cdrom {
+        return Err(err!(
+            Unsupported,
+            "the image is an ISO (a CD-ROM image), and a disk cannot be made from one; \
+             attach the image to the VM as a CD-ROM instead"
+        ));
+    }
     let mut buf = vec![0u8; RAW_CHUNK + FOOTER];
     // `buf[..held]` are bytes read but not written yet: at most the last FOOTER bytes.
     let mut held = 0usize;

@@ -42,6 +42,28 @@ pub fn detect(view: &dyn View) -> Result<ImageInfo> {
     Ok(raw(view.len(), &head))
 }
 
+/// The format the first bytes of an image name by their magic, without validating
+/// anything: qcow2, vmdk, vdi, vhdx, dynamic vhd, ISO; `Raw` for anything else (including a
+/// fixed VHD, whose footer is at the end). For choosing how to store an image before the
+/// probe that reads all of it has confirmed the format.
+pub fn sniff(head: &[u8]) -> Format {
+    if qcow2::matches(head) {
+        Format::Qcow2
+    } else if vmdk::matches(head) {
+        Format::Vmdk
+    } else if vdi::matches(head) {
+        Format::Vdi
+    } else if vhdx::matches(head) {
+        Format::Vhdx
+    } else if vhd::matches(head) {
+        Format::Vpc
+    } else if iso::matches(head) {
+        Format::Iso
+    } else {
+        Format::Raw
+    }
+}
+
 /// The virtual size of raw bytes: the length rounded up to whole 512-byte sectors, as QEMU
 /// presents a raw file to a guest (and as `qemu-img info` reports it).
 pub fn raw_virtual_size(len: u64) -> u64 {

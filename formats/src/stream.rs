@@ -364,6 +364,45 @@ impl SequentialFile {
     }
 }
 
+impl SequentialFile {
+    /// Keeps the kernel reading up to [`PREFETCH_WINDOW`] ahead of the reader, over data
+    /// only: advising a hole would make the kernel zero page-cache pages for it (a memset
+    /// and page insert per 4 KiB that the reader then never asks for).
+    fn prefetch(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        self.advised = self.advised.max(self.pos);
+        let until = self.pos.saturating_add(PREFETCH_WINDOW).min(self.len);
+        while self.advised < until {
+            let (mut start, mut end) = (self.advised, u64::MAX);
+            if self.len != u64::MAX
+                && let Ok(at) = i64::try_from(self.advised)
+            {
+                // SAFETY: lseek takes plain integers; the descriptor is owned by
+                // `self.file`; reads are positional, so the moved offset is unused.
+                let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+                if data < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                        // Only a hole remains.
+                        self.advised = self.len;
+                        return;
+                    }
+                } else {
+                    // SAFETY: as above.
+                    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+                    start = data as u64;
+                    if hole > data {
+                        end = hole as u64;
+                    }
+                }
+            }
+            let step = PREFETCH_STEP.min(end.saturating_sub(start)).max(1);
+            advise(&self.file, start, step, libc::POSIX_FADV_WILLNEED);
+            self.advised = start.saturating_add(step);
+        }
+    }
+}
+
 fn advise(file: &std::fs::File, offset: u64, len: u64, advice: libc::c_int) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
@@ -393,15 +432,7 @@ impl Read for SequentialFile {
             self.pos += n as u64;
             return Ok(n);
         }
-        while self.advised < self.pos + PREFETCH_WINDOW {
-            advise(
-                &self.file,
-                self.advised,
-                PREFETCH_STEP,
-                libc::POSIX_FADV_WILLNEED,
-            );
-            self.advised += PREFETCH_STEP;
-        }
+        self.prefetch();
         let left = self.data_end.saturating_sub(self.pos);
         let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = self.file.read_at(&mut buf[..want], self.pos)?;

@@ -1,0 +1,82 @@
+//! `dvcr-importer`: the one-shot import job as the platform runs it, configured only by
+//! the contract's environment variables (see `dvcr_importer::env`).
+//!
+//! It serves the progress gauges while it works, writes the final report as one line of
+//! JSON to the termination-message file, and exits 0 on success and on permanent errors
+//! (the report carries the error, so the controller shows it instead of restarting the
+//! pod), non-zero on transient errors (so the Job retries).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use dvcr_importer::report::{FinalReport, serve_gauges};
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DVCR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        logs.init();
+    } else {
+        logs.json().init();
+    }
+
+    let (job, reporting) = match dvcr_importer::env::from_env(|k| std::env::var(k).ok()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            tracing::error!(error = %e, "the job is misconfigured");
+            // Nothing to report to: the termination log path may be what is wrong. A
+            // misconfiguration does not heal on retry; still, exit non-zero so it shows.
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let progress = Arc::clone(&job.progress);
+    if let Some(addr) = reporting.metrics_addr {
+        match serve_gauges(addr, &reporting.owner_uid, Arc::clone(&progress)) {
+            Ok(bound) => tracing::info!(%bound, "serving progress gauges on /metrics"),
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve the progress gauges"),
+        }
+    }
+    tracing::info!(source = ?job.source, destination = ?job.destination, "import starting");
+    let result = dvcr_importer::run(job);
+    let elapsed = progress.elapsed();
+    let mut report = FinalReport {
+        duration: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+        average_speed: progress.average_speed(),
+        bytes_read: progress.read(),
+        ..FinalReport::default()
+    };
+    let code = match &result {
+        Ok(outcome) => {
+            report.source_image_size = outcome.stored_size;
+            report.source_image_virtual_size = outcome.virtual_size;
+            report.source_image_format = outcome.format.clone();
+            report.cdrom = outcome.cdrom;
+            report.scratch_bytes = outcome.scratch_bytes;
+            report.destination = outcome.destination.clone();
+            tracing::info!(?outcome, seconds = elapsed.as_secs_f64(), "import done");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report.error_message = Some(e.to_string());
+            if e.transient {
+                tracing::error!(error = %e, kind = e.kind.name(), "import failed; a retry may succeed");
+                ExitCode::FAILURE
+            } else {
+                tracing::error!(error = %e, kind = e.kind.name(), "import failed for good");
+                ExitCode::SUCCESS
+            }
+        }
+    };
+    if let Err(e) = report.write_to(&reporting.termination_log) {
+        tracing::error!(path = %reporting.termination_log.display(), error = %e, "cannot write the final report");
+        if result.is_ok() {
+            return ExitCode::FAILURE;
+        }
+    }
+    code
+}

@@ -1,0 +1,801 @@
+//! One import: a source read once (metered, checksummed in the same pass) into a DVCR
+//! artifact or a disk.
+//!
+//! - To a disk (a PVC's block device or `disk.img`): the single-pass decoders of
+//!   `dvcr-formats` write straight into the target; nothing touches scratch space unless an
+//!   image keeps its tables after the data they map and the source has no random access.
+//! - To DVCR: the image is stored as it is (after unwrapping gzip/xz/zstd/bzip2, so nodes
+//!   can use it as a containerDisk) in a tar layer streamed to the registry while it is
+//!   hashed; the format is probed from the same bytes on the way. A tar header needs the
+//!   file's size first, so only a compressed source (whose unpacked size is unknown until
+//!   its end) goes through scratch space, and that is reported. Raw and ISO images go into
+//!   a zstd-compressed layer so their zero runs cost almost nothing in DVCR. The manifest
+//!   is pushed last, after the layer and config blobs were verified by the registry.
+//! - DVCR to DVCR in the same registry: the blobs are mounted, not copied.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dvcr_formats::compress::{self, BoxRead};
+use dvcr_formats::sink::write_behind;
+use dvcr_formats::sparse::qcow2::Qcow2Writer;
+use dvcr_formats::sparse::{DiskWriter, TargetOptions, Written};
+use dvcr_formats::stream::SequentialFile;
+use dvcr_formats::{FileView, Options, RandomAccess, StreamProbe};
+use sha2::{Digest, Sha256};
+
+use crate::artifact::{self, Descriptor, Labels};
+use crate::checksum::{Expected, Verifying};
+use crate::error::{ErrorKind, ImportError};
+use crate::oci::{Client, Reference, RegistryOptions};
+use crate::report::{Meter, Progress};
+use crate::source::{self, HttpOptions};
+
+/// Where the image comes from.
+pub enum Source {
+    /// An http(s) URL.
+    Http {
+        /// The URL.
+        url: String,
+        /// Auth, CA, timeouts.
+        options: HttpOptions,
+    },
+    /// The file under `disk/` of an image in a container registry (DVCR included).
+    Registry {
+        /// The image.
+        reference: Reference,
+        /// Auth, CA, platform.
+        options: RegistryOptions,
+    },
+    /// An existing disk: a block device, a file, or a directory holding `disk.img`.
+    Path(PathBuf),
+    /// Standard input.
+    Stdin,
+    /// An empty disk of this many bytes.
+    Blank(u64),
+    /// Bytes from elsewhere (an upload's body), with their length when known.
+    Reader {
+        /// The bytes.
+        reader: BoxRead,
+        /// Their length, when announced.
+        length: Option<u64>,
+        /// How to name the source in messages.
+        name: String,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Http { url, .. } => write!(f, "http {url}"),
+            Source::Registry { reference, .. } => write!(f, "registry {reference}"),
+            Source::Path(p) => write!(f, "path {}", p.display()),
+            Source::Stdin => f.write_str("standard input"),
+            Source::Blank(size) => write!(f, "blank disk of {size} bytes"),
+            Source::Reader { name, length, .. } => write!(f, "{name} ({length:?} bytes)"),
+        }
+    }
+}
+
+/// The format of a disk target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskFormat {
+    /// A raw disk: block device or sparse file.
+    #[default]
+    Raw,
+    /// A qcow2 file (filesystem volumes that prefer it).
+    Qcow2,
+}
+
+/// Where the image goes.
+#[derive(Debug)]
+pub enum Destination {
+    /// A DVCR artifact.
+    Registry {
+        /// The image to create (repository and tag).
+        reference: Reference,
+        /// Auth, CA.
+        options: RegistryOptions,
+    },
+    /// A disk: a block device, a file, or a directory (then `<dir>/disk.img`).
+    Disk {
+        /// The target.
+        path: PathBuf,
+        /// Raw or qcow2.
+        format: DiskFormat,
+        /// The disk's size; at least the image's unpacked size.
+        size: Option<u64>,
+        /// The block device already reads zero everywhere.
+        target_is_zero: bool,
+    },
+}
+
+/// One import, fully described.
+#[derive(Debug)]
+pub struct Job {
+    /// Where from.
+    pub source: Source,
+    /// Where to.
+    pub destination: Destination,
+    /// Checksums of the source bytes as downloaded.
+    pub checksums: Vec<Expected>,
+    /// Scratch space for data that has to be measured or placed before it can be written.
+    pub scratch_dir: Option<PathBuf>,
+    /// Memory for not-yet-placed data before it spills to scratch.
+    pub pending_memory: usize,
+    /// Bytes read so far (for gauges and progress bars).
+    pub progress: Arc<Progress>,
+}
+
+impl Job {
+    /// A job with default limits.
+    pub fn new(source: Source, destination: Destination) -> Self {
+        Self {
+            source,
+            destination,
+            checksums: Vec::new(),
+            scratch_dir: None,
+            pending_memory: 16 << 20,
+            progress: Arc::new(Progress::new()),
+        }
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Outcome {
+    /// The image's format.
+    pub format: String,
+    /// Unpacked size.
+    pub virtual_size: u64,
+    /// Bytes of the image as stored (the disk file in DVCR; the source's image bytes for a
+    /// disk target).
+    pub stored_size: u64,
+    /// True exactly for ISO images.
+    pub cdrom: bool,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Scratch-space bytes used.
+    pub scratch_bytes: u64,
+    /// Bytes written to a disk target (zero blocks skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
+    /// The disk's final size, for a disk target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<u64>,
+    /// The manifest digest, for a DVCR target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
+    /// The blobs were mounted from the source repository, not copied.
+    pub mounted: bool,
+    /// Where the result is.
+    pub destination: String,
+}
+
+/// A source opened for reading.
+struct Opened {
+    reader: BoxRead,
+    random: Option<RandomAccess>,
+    length: Option<u64>,
+    name: String,
+}
+
+/// Runs `job` to the end. Nothing is published unless everything succeeded: the DVCR tag
+/// is pushed last; a disk file appears under its name only when complete and fsynced.
+pub fn run(job: Job) -> Result<Outcome, ImportError> {
+    let Job {
+        source,
+        destination,
+        checksums,
+        scratch_dir,
+        pending_memory,
+        progress,
+    } = job;
+    if let (
+        Source::Registry { reference, .. },
+        Destination::Registry {
+            reference: to,
+            options,
+        },
+    ) = (&source, &destination)
+        && reference.registry == to.registry
+        && let Some(outcome) = copy_within_registry(reference, to, options)?
+    {
+        return Ok(outcome);
+    }
+    if let Source::Blank(size) = source {
+        return blank(size, destination, &progress);
+    }
+    let opened = open(source)?;
+    progress.set_total(opened.length);
+    let name = opened.name.clone();
+    let reader: BoxRead = Box::new(
+        Verifying::new(Meter::new(opened.reader, Arc::clone(&progress)), checksums)
+            .map_err(|e| ImportError::new(ErrorKind::Source, true, e.to_string()))?,
+    );
+    let opened = Opened { reader, ..opened };
+    let outcome = match destination {
+        Destination::Disk {
+            path,
+            format,
+            size,
+            target_is_zero,
+        } => to_disk(
+            opened,
+            &path,
+            format,
+            TargetOptions {
+                size,
+                target_is_zero,
+            },
+            &Options {
+                scratch_dir,
+                pending_memory,
+                refuse_cdrom: true,
+                ..Options::default()
+            },
+            &progress,
+        ),
+        Destination::Registry { reference, options } => to_registry(
+            opened,
+            &reference,
+            options,
+            scratch_dir.as_deref(),
+            &progress,
+        ),
+    };
+    outcome.map_err(|e| e.context(format!("importing {name}")))
+}
+
+fn open(source: Source) -> Result<Opened, ImportError> {
+    match source {
+        Source::Http { url, options } => {
+            let body = source::open_http_with(&url, &options).map_err(ImportError::from_source)?;
+            let length = body.length;
+            // A server answering Range requests spares scratch space for images whose
+            // tables come after their data.
+            let random = match (&body.ranges_at, length) {
+                (Some(at), Some(len)) => source::HttpRanges::with_options(at, len, &options)
+                    .ok()
+                    .map(|r| Box::new(r) as RandomAccess),
+                _ => None,
+            };
+            Ok(Opened {
+                reader: Box::new(body),
+                random,
+                length,
+                name: url,
+            })
+        }
+        Source::Registry { reference, options } => {
+            let client =
+                Client::new(options).map_err(|e| ImportError::from_oci(e, ErrorKind::Source))?;
+            let disk = client
+                .open_disk(&reference)
+                .map_err(|e| ImportError::from_oci(e, ErrorKind::Source))?;
+            let length = Some(disk.size());
+            Ok(Opened {
+                reader: Box::new(disk),
+                random: None,
+                length,
+                name: format!("docker://{reference}"),
+            })
+        }
+        Source::Path(path) => open_path(&path),
+        Source::Stdin => Ok(Opened {
+            reader: Box::new(source::stdin()),
+            random: None,
+            length: None,
+            name: "standard input".into(),
+        }),
+        Source::Reader {
+            reader,
+            length,
+            name,
+        } => Ok(Opened {
+            reader,
+            random: None,
+            length,
+            name,
+        }),
+        Source::Blank(_) => Err(ImportError::config("a blank disk has no source to open")),
+    }
+}
+
+/// The disk file of a path: itself, or `disk.img` inside a directory (a filesystem PVC's
+/// mount point).
+pub fn disk_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("disk.img")
+    } else {
+        path.to_owned()
+    }
+}
+
+fn open_path(path: &Path) -> Result<Opened, ImportError> {
+    let path = disk_path(path);
+    let name = path.display().to_string();
+    let file = File::open(&path).map_err(|e| {
+        ImportError::new(
+            ErrorKind::Source,
+            false,
+            format!("opening {name}: {e}; check that the volume is mounted and readable"),
+        )
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ImportError::new(ErrorKind::Source, true, format!("{name}: {e}")))?;
+    let length = if meta.file_type().is_block_device() {
+        let mut f = file
+            .try_clone()
+            .map_err(|e| ImportError::new(ErrorKind::Source, true, format!("{name}: {e}")))?;
+        Some(
+            f.seek(io::SeekFrom::End(0))
+                .map_err(|e| ImportError::new(ErrorKind::Source, true, format!("{name}: {e}")))?,
+        )
+    } else if meta.is_file() {
+        Some(meta.len())
+    } else {
+        None
+    };
+    let random = length.and_then(|len| {
+        let clone = file.try_clone().ok()?;
+        Some(Box::new(FileView::new(clone, len)) as RandomAccess)
+    });
+    Ok(Opened {
+        // Holes of a sparse file are not read at all; zero blocks are skipped downstream.
+        reader: Box::new(SequentialFile::new(file)),
+        random,
+        length,
+        name,
+    })
+}
+
+fn to_disk(
+    opened: Opened,
+    path: &Path,
+    format: DiskFormat,
+    target: TargetOptions,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Outcome, ImportError> {
+    let path = disk_path(path);
+    let Opened { reader, random, .. } = opened;
+    let decode = |sink: &dyn dvcr_formats::Sink| {
+        write_behind(sink, |behind| {
+            dvcr_formats::decode(reader, random, behind, opts)
+        })
+        .map_err(ImportError::from_formats)
+    };
+    let dest_err = |e: dvcr_formats::Error| {
+        if e.kind() == dvcr_formats::ErrorKind::Io {
+            ImportError::destination(&e)
+        } else {
+            ImportError::new(ErrorKind::Config, false, dvcr_formats_message(&e))
+        }
+    };
+    let (decoded, written): (dvcr_formats::Decoded, Written) = match format {
+        DiskFormat::Raw => {
+            let writer = DiskWriter::create(&path, target).map_err(dest_err)?;
+            let decoded = decode(&writer)?;
+            (decoded, writer.finish().map_err(dest_err)?)
+        }
+        DiskFormat::Qcow2 => {
+            let writer = Qcow2Writer::create(&path, target).map_err(dest_err)?;
+            let decoded = decode(&writer)?;
+            (decoded, writer.finish().map_err(dest_err)?)
+        }
+    };
+    Ok(Outcome {
+        format: artifact::format_label(decoded.info.format).to_owned(),
+        virtual_size: decoded.info.virtual_size,
+        stored_size: decoded.image_bytes,
+        cdrom: decoded.info.format.is_cdrom(),
+        bytes_read: progress.read(),
+        scratch_bytes: decoded.scratch_bytes,
+        bytes_written: Some(written.bytes_written),
+        disk_size: Some(written.disk_size),
+        manifest_digest: None,
+        mounted: false,
+        destination: path.display().to_string(),
+    })
+}
+
+fn dvcr_formats_message(e: &dvcr_formats::Error) -> String {
+    crate::error::chain(e)
+}
+
+fn blank(size: u64, destination: Destination, progress: &Progress) -> Result<Outcome, ImportError> {
+    if size == 0 {
+        return Err(ImportError::config(
+            "a blank disk needs a size greater than zero",
+        ));
+    }
+    match destination {
+        Destination::Disk {
+            path,
+            format,
+            size: requested,
+            target_is_zero,
+        } => {
+            let target = TargetOptions {
+                size: Some(requested.unwrap_or(size).max(size)),
+                target_is_zero,
+            };
+            let reader: BoxRead = Box::new(io::empty());
+            let opened = Opened {
+                reader,
+                random: None,
+                length: Some(0),
+                name: "a blank disk".into(),
+            };
+            // An empty raw stream decodes to a zero-length disk, which the requested size
+            // grows: the writer makes the file sparse or zeroes the device as told.
+            let mut outcome =
+                to_disk(opened, &path, format, target, &Options::default(), progress)?;
+            outcome.format = "raw".into();
+            outcome.virtual_size = size;
+            Ok(outcome)
+        }
+        Destination::Registry { reference, options } => {
+            progress.set_total(Some(size));
+            let opened = Opened {
+                reader: Box::new(io::repeat(0).take(size)),
+                random: None,
+                length: Some(size),
+                name: "a blank disk".into(),
+            };
+            to_registry(opened, &reference, options, None, progress)
+        }
+    }
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W> Hashing<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hash: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hash.clone().finalize()))
+    }
+}
+
+/// The layer being written: plain tar, or tar inside zstd (then the uncompressed tar is
+/// hashed too, for the config's diff ID).
+enum Layer<W: Write> {
+    Plain(Hashing<W>),
+    Zstd(Hashing<zstd::stream::write::Encoder<'static, Hashing<W>>>),
+}
+
+impl<W: Write> Layer<W> {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Layer::Plain(w) => w.write_all(data),
+            Layer::Zstd(w) => w.write_all(data),
+        }
+    }
+
+    /// Ends the layer: (diff ID, blob digest, blob size, the inner writer).
+    fn finish(self) -> io::Result<(String, String, u64, W)> {
+        match self {
+            Layer::Plain(w) => {
+                let d = w.digest();
+                Ok((d.clone(), d, w.len, w.inner))
+            }
+            Layer::Zstd(w) => {
+                let diff_id = w.digest();
+                let blob = w.inner.finish()?;
+                let digest = blob.digest();
+                Ok((diff_id, digest, blob.len, blob.inner))
+            }
+        }
+    }
+}
+
+/// Read size through the DVCR path.
+const CHUNK: usize = 1 << 20;
+
+fn to_registry(
+    opened: Opened,
+    reference: &Reference,
+    options: RegistryOptions,
+    scratch_dir: Option<&Path>,
+    progress: &Progress,
+) -> Result<Outcome, ImportError> {
+    let (mut inner, compression) =
+        compress::unwrap(opened.reader).map_err(ImportError::from_formats)?;
+    // The first bytes say which kind of image this is (and whether to compress the layer).
+    let mut head = vec![0u8; dvcr_formats::detect::HEAD_LEN];
+    let head_len = read_full(&mut inner, &mut head).map_err(read_error)?;
+    head.truncate(head_len);
+    let sniffed = dvcr_formats::detect::sniff(&head);
+    let raw_like = artifact::compress_layer(sniffed);
+    // The file's name is settled from the head (the probe confirms the format at the end).
+    let file_name = artifact::file_name(sniffed);
+
+    // The entry's size: known up front unless a compression wrapper hides it.
+    let mut scratch_bytes = 0;
+    let (mut data, size): (BoxRead, u64) = match opened.length {
+        Some(len) if compression.is_empty() => {
+            let rest: BoxRead = Box::new(io::Cursor::new(head).chain(inner));
+            (rest, len)
+        }
+        _ => {
+            let (file, len, written) = spill(&head, &mut inner, scratch_dir, raw_like)?;
+            scratch_bytes = written;
+            (Box::new(SequentialFile::new(file)), len)
+        }
+    };
+
+    let client =
+        Client::new(options).map_err(|e| ImportError::from_oci(e, ErrorKind::Destination))?;
+    let upload = client
+        .upload_blob(reference)
+        .map_err(|e| ImportError::from_oci(e, ErrorKind::Destination))?;
+    let mut layer = if raw_like {
+        let encoder = zstd::stream::write::Encoder::new(Hashing::new(upload), 1)
+            .map_err(|e| ImportError::new(ErrorKind::Destination, false, e.to_string()))?;
+        Layer::Zstd(Hashing::new(encoder))
+    } else {
+        Layer::Plain(Hashing::new(upload))
+    };
+    let mut probe = StreamProbe::new();
+    let write_err =
+        |e: io::Error| ImportError::destination(&e).context("streaming the layer to the registry");
+    layer
+        .write_all(&artifact::layer_prefix(file_name, size))
+        .map_err(write_err)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut copied = 0u64;
+    loop {
+        let n = match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e)),
+        };
+        copied += n as u64;
+        if copied > size {
+            return Err(ImportError::new(
+                ErrorKind::Source,
+                true,
+                format!("the source sent more than the {size} bytes it announced"),
+            ));
+        }
+        probe.feed(&buf[..n]);
+        layer.write_all(&buf[..n]).map_err(write_err)?;
+    }
+    if copied != size {
+        return Err(ImportError::new(
+            ErrorKind::Source,
+            true,
+            format!("the source ended after {copied} of the {size} bytes it announced"),
+        ));
+    }
+    let info = probe.finish().map_err(ImportError::from_formats)?;
+    layer
+        .write_all(&artifact::layer_suffix(size))
+        .map_err(write_err)?;
+    let (diff_id, layer_digest, layer_size, upload) = layer.finish().map_err(write_err)?;
+    upload
+        .finish(&layer_digest)
+        .map_err(|e| ImportError::from_oci(e, ErrorKind::Destination))?;
+
+    let labels = Labels {
+        stored_size: size,
+        virtual_size: info.virtual_size,
+        format: artifact::format_label(info.format).to_owned(),
+    };
+    let config = artifact::config_json(&labels, &diff_id);
+    let config_digest = client
+        .push_blob_bytes(reference, &config)
+        .map_err(|e| ImportError::from_oci(e, ErrorKind::Destination))?;
+    let manifest = artifact::manifest_json(
+        &Descriptor {
+            media_type: artifact::CONFIG_MEDIA_TYPE.into(),
+            digest: config_digest,
+            size: config.len() as u64,
+        },
+        &Descriptor {
+            media_type: if raw_like {
+                artifact::LAYER_TAR_ZSTD
+            } else {
+                artifact::LAYER_TAR
+            }
+            .into(),
+            digest: layer_digest,
+            size: layer_size,
+        },
+    );
+    let manifest_digest = client
+        .put_manifest(reference, artifact::MANIFEST_MEDIA_TYPE, &manifest)
+        .map_err(|e| ImportError::from_oci(e, ErrorKind::Destination))?;
+    Ok(Outcome {
+        format: labels.format,
+        virtual_size: info.virtual_size,
+        stored_size: size,
+        cdrom: info.format.is_cdrom(),
+        bytes_read: progress.read(),
+        scratch_bytes,
+        bytes_written: None,
+        disk_size: None,
+        manifest_digest: Some(manifest_digest),
+        mounted: false,
+        destination: reference.to_string(),
+    })
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Classifies a read error of the source (a broken download, a checksum mismatch at the end,
+/// damaged compressed data).
+fn read_error(e: io::Error) -> ImportError {
+    if crate::checksum::find_mismatch(&e).is_some() {
+        return ImportError::new(ErrorKind::Checksum, false, crate::error::chain(&e));
+    }
+    if e.kind() == io::ErrorKind::InvalidData {
+        return ImportError::new(ErrorKind::Image, false, crate::error::chain(&e));
+    }
+    ImportError::new(ErrorKind::Source, true, crate::error::chain(&e))
+}
+
+/// Zero blocks skipped when spilling a raw image to scratch (they become holes).
+const SPILL_BLOCK: usize = 64 << 10;
+
+/// Measures a stream whose length is unknown by writing it to an unlinked scratch file:
+/// returns the file (at its start), the stream's length and the bytes actually written
+/// (zero blocks of raw-like images are left as holes).
+fn spill(
+    head: &[u8],
+    rest: &mut impl Read,
+    dir: Option<&Path>,
+    raw_like: bool,
+) -> Result<(File, u64, u64), ImportError> {
+    let scratch_err = |e: io::Error| {
+        ImportError::new(
+            ErrorKind::Destination,
+            true,
+            format!(
+                "writing scratch space (needed to measure a compressed image before storing it): {e}; \
+                 give a scratch directory with room for the unpacked image"
+            ),
+        )
+    };
+    let mut file = match dir {
+        Some(d) => tempfile::tempfile_in(d),
+        None => tempfile::tempfile(),
+    }
+    .map_err(scratch_err)?;
+    let mut len = 0u64;
+    let mut written = 0u64;
+    let mut put = |file: &mut File, data: &[u8]| -> io::Result<()> {
+        for block in data.chunks(SPILL_BLOCK) {
+            if raw_like && dvcr_formats::sink::is_zero(block) {
+                file.seek(io::SeekFrom::Current(block.len() as i64))?;
+            } else {
+                file.write_all(block)?;
+                written += block.len() as u64;
+            }
+            len += block.len() as u64;
+        }
+        Ok(())
+    };
+    put(&mut file, head).map_err(scratch_err)?;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match rest.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e)),
+        };
+        put(&mut file, &buf[..n]).map_err(scratch_err)?;
+    }
+    drop(put);
+    file.set_len(len).map_err(scratch_err)?;
+    file.rewind().map_err(scratch_err)?;
+    Ok((file, len, written))
+}
+
+/// DVCR to DVCR in one registry: mounts the layer and config into the new repository and
+/// pushes the same manifest, so no disk bytes move. `None` when the source is not a
+/// one-layer DVCR artifact or the registry will not mount (then the data is streamed).
+fn copy_within_registry(
+    from: &Reference,
+    to: &Reference,
+    options: &RegistryOptions,
+) -> Result<Option<Outcome>, ImportError> {
+    let src_err = |e| ImportError::from_oci(e, ErrorKind::Source);
+    let dst_err = |e| ImportError::from_oci(e, ErrorKind::Destination);
+    let client = Client::new(options.clone()).map_err(dst_err)?;
+    let (media_type, manifest, _) = client.get_manifest(from).map_err(src_err)?;
+    let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(&manifest) else {
+        return Ok(None);
+    };
+    let descriptor = |v: &serde_json::Value| -> Option<(String, u64)> {
+        Some((
+            v.get("digest")?.as_str()?.to_owned(),
+            v.get("size")?.as_u64()?,
+        ))
+    };
+    let Some((config_digest, config_size)) = parsed.get("config").and_then(descriptor) else {
+        return Ok(None);
+    };
+    let layers: Vec<(String, u64)> = match parsed.get("layers").and_then(|l| l.as_array()) {
+        Some(l) if l.len() == 1 => l.iter().filter_map(descriptor).collect(),
+        _ => return Ok(None),
+    };
+    if layers.len() != 1 || config_size > 1 << 20 {
+        return Ok(None);
+    }
+    let config = client
+        .get_blob_bytes(from, &config_digest, 1 << 20)
+        .map_err(src_err)?;
+    let Some(labels) = artifact::labels_of(&config) else {
+        return Ok(None);
+    };
+    for digest in [&config_digest, &layers[0].0] {
+        if !client
+            .mount_blob(to, &from.repository, digest)
+            .map_err(dst_err)?
+        {
+            return Ok(None);
+        }
+    }
+    let digest = client
+        .put_manifest(to, &media_type, &manifest)
+        .map_err(dst_err)?;
+    Ok(Some(Outcome {
+        cdrom: labels.format == "iso",
+        format: labels.format,
+        virtual_size: labels.virtual_size,
+        stored_size: labels.stored_size,
+        bytes_read: 0,
+        scratch_bytes: 0,
+        bytes_written: None,
+        disk_size: None,
+        manifest_digest: Some(digest),
+        mounted: true,
+        destination: to.to_string(),
+    }))
+}
