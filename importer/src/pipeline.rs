@@ -282,7 +282,7 @@ fn open(source: Source) -> Result<Opened, ImportError> {
                 reader: Box::new(disk),
                 random: None,
                 length,
-                name: format!("docker://{reference}"),
+                name: reference.to_string(),
             })
         }
         Source::Path(path) => open_path(&path),
@@ -708,30 +708,31 @@ fn spill(
     .map_err(scratch_err)?;
     let mut len = 0u64;
     let mut written = 0u64;
-    let mut put = |file: &mut File, data: &[u8]| -> io::Result<()> {
-        for block in data.chunks(SPILL_BLOCK) {
-            if raw_like && dvcr_formats::sink::is_zero(block) {
-                file.seek(io::SeekFrom::Current(block.len() as i64))?;
-            } else {
-                file.write_all(block)?;
-                written += block.len() as u64;
+    {
+        let mut put = |file: &mut File, data: &[u8]| -> io::Result<()> {
+            for block in data.chunks(SPILL_BLOCK) {
+                if raw_like && dvcr_formats::sink::is_zero(block) {
+                    file.seek(io::SeekFrom::Current(block.len() as i64))?;
+                } else {
+                    file.write_all(block)?;
+                    written += block.len() as u64;
+                }
+                len += block.len() as u64;
             }
-            len += block.len() as u64;
-        }
-        Ok(())
-    };
-    put(&mut file, head).map_err(scratch_err)?;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = match rest.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read_error(e)),
+            Ok(())
         };
-        put(&mut file, &buf[..n]).map_err(scratch_err)?;
+        put(&mut file, head).map_err(scratch_err)?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match rest.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_error(e)),
+            };
+            put(&mut file, &buf[..n]).map_err(scratch_err)?;
+        }
     }
-    drop(put);
     file.set_len(len).map_err(scratch_err)?;
     file.rewind().map_err(scratch_err)?;
     Ok((file, len, written))

@@ -15,7 +15,7 @@
 //! not be made from an async task.
 //!
 //! What lives where:
-//! - [`reference`]: `docker://` references, the name/tag/digest grammar, Docker Hub names.
+//! - [`reference`](mod@reference): `docker://` references, the name/tag/digest grammar, Docker Hub names.
 //! - [`auth`]: docker `config.json` credentials and `WWW-Authenticate` challenges.
 //! - [`manifest`]: manifests, indexes, platform selection, layer compression.
 //! - `transport`: HTTP clients, per-registry scheme and auth, token cache, error mapping,

@@ -335,6 +335,25 @@ async fn fetch_manifest(
             )));
         }
     }
+    // A registry that does not say (or says plain JSON): the body's own `mediaType`.
+    let media_type = if media_type.is_empty()
+        || media_type == "application/json"
+        || media_type == "application/octet-stream"
+    {
+        #[derive(serde::Deserialize)]
+        struct Typed {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+        }
+        serde_json::from_slice::<Typed>(&body)
+            .ok()
+            .and_then(|t| t.media_type)
+            .map(|t| manifest::bare_media_type(&t))
+            .filter(|t| !t.is_empty())
+            .unwrap_or(media_type)
+    } else {
+        media_type
+    };
     Ok((media_type, body, digest))
 }
 

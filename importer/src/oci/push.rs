@@ -27,6 +27,8 @@ use super::transport::{
 
 /// Bytes per PATCH body chunk.
 const UPLOAD_CHUNK: usize = 1 << 20;
+/// The pieces a chunk is handed to the HTTP client in.
+const FRAME: usize = 64 << 10;
 /// Chunks waiting between [`BlobWriter::write`] and the request.
 const UPLOAD_CHUNKS: usize = 4;
 /// How long the registry may take to answer once the whole body was sent.
@@ -577,11 +579,22 @@ async fn patch(
 ) -> Result<Url, OciError> {
     let what = format!("uploading a blob to {}", repo_view(r));
     let p = progress.clone();
-    let body = futures_util::stream::unfold((chunks, p), |(mut rx, p)| async move {
-        let item = rx.recv().await?;
-        p.taken.fetch_add(1, Ordering::Relaxed);
+    // Chunks go out in frames of 64 KiB, so the watchdog sees progress on a slow link too;
+    // a chunk counts as taken once its last frame is.
+    let state = (chunks, p, Bytes::new());
+    let body = futures_util::stream::unfold(state, |(mut rx, p, mut current)| async move {
+        if current.is_empty() {
+            match rx.recv().await? {
+                Ok(chunk) => current = chunk,
+                Err(e) => return Some((Err(e), (rx, p, current))),
+            }
+        }
+        let frame = current.split_to(current.len().min(FRAME));
+        if current.is_empty() {
+            p.taken.fetch_add(1, Ordering::Relaxed);
+        }
         p.touch();
-        Some((item, (rx, p)))
+        Some((Ok(frame), (rx, p, current)))
     });
     let mut headers = HeaderMap::new();
     headers.insert(

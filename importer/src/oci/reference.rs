@@ -19,7 +19,7 @@ const MAX_INPUT_LEN: usize = 4096;
 /// An image in a registry: where it is and which version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
-    /// `host` or `host:port`, lowercase (`registry-1.docker.io` for Docker Hub).
+    /// `host` or `host:port` as written (`registry-1.docker.io` for Docker Hub).
     pub registry: String,
     /// The repository name (`library/ubuntu`, `vi/ns/name`).
     pub repository: String,
@@ -68,7 +68,7 @@ impl Reference {
             check_tag(tag).map_err(|e| bad(&e))?;
         }
         check_host(registry).map_err(|e| bad(&e))?;
-        let mut registry = registry.to_ascii_lowercase();
+        let mut registry = registry.to_owned();
         let mut repository = name.to_owned();
         if is_docker_hub(&registry) {
             registry = DOCKER_HUB_REGISTRY.to_owned();

@@ -296,6 +296,10 @@ impl Core {
                 network_error(&e, &format!("{} {}", call.method, redact(&call.url)))
             })?;
             if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+                if attempt == 1 && resp.status() != StatusCode::UNAUTHORIZED {
+                    // The wider token worked: later requests for the same scopes use it too.
+                    self.alias_token(registry, &scopes, &call.scopes);
+                }
                 return Ok(resp);
             }
             let Some(challenge) = pick_challenge(resp.headers()) else {
@@ -440,11 +444,7 @@ impl Core {
         scopes: &[String],
         fresh: bool,
     ) -> Result<String, OciError> {
-        let key = format!(
-            "{registry}\n{realm}\n{}\n{}",
-            service.unwrap_or(""),
-            scopes.join(" ")
-        );
+        let key = token_key(registry, realm, service, scopes);
         if !fresh
             && let Some(t) = lock(&self.tokens).get(&key)
             && t.expires > Instant::now()
@@ -533,6 +533,29 @@ impl Core {
             },
         );
         Ok(token)
+    }
+
+    /// Files the token cached for `from` scopes under `to` scopes as well.
+    fn alias_token(&self, registry: &str, from: &[String], to: &[String]) {
+        if from == to {
+            return;
+        }
+        let challenge = lock(&self.registries)
+            .get(registry)
+            .and_then(|s| s.challenge.clone());
+        let Some(Challenge::Bearer { realm, service, .. }) = challenge else {
+            return;
+        };
+        let mut tokens = lock(&self.tokens);
+        let found = tokens
+            .get(&token_key(registry, &realm, service.as_deref(), from))
+            .map(|t| CachedToken {
+                value: t.value.clone(),
+                expires: t.expires,
+            });
+        if let Some(t) = found {
+            tokens.insert(token_key(registry, &realm, service.as_deref(), to), t);
+        }
     }
 
     /// Says which credentials were used for `registry`, for messages.
@@ -748,6 +771,15 @@ impl Core {
             }
         }
     }
+}
+
+/// The token cache key of a registry, token service and scopes.
+fn token_key(registry: &str, realm: &str, service: Option<&str>, scopes: &[String]) -> String {
+    format!(
+        "{registry}\n{realm}\n{}\n{}",
+        service.unwrap_or(""),
+        scopes.join(" ")
+    )
 }
 
 /// Hands a chunk to the blocking reader, waiting while its buffer is full.
