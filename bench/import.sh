@@ -59,7 +59,7 @@ fi
 [[ -x $DVCR ]] || die "dvcr binary not found: $DVCR"
 SCRATCH=$(mktemp -d "$WORK/import-run.XXXXXX")
 TMPFS=$(mktemp -d /dev/shm/dvcr-import-bench.XXXXXX)
-NGINX_PID="" DVCR_PID=""
+NGINX_PID="" DVCR_PID="" REG_CPU=""
 cleanup() {
     [[ -n $NGINX_PID ]] && kill "$NGINX_PID" 2>/dev/null
     [[ -n $DVCR_PID ]] && kill "$DVCR_PID" 2>/dev/null
@@ -113,7 +113,7 @@ REGISTRY=$(sed -n 's/^listening on //p' "$SCRATCH/serve.out")
 cat "$IMAGE" >/dev/null # keep the source in the page cache
 
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-declare -A WALL RSS JSON
+declare -A WALL RSS JSON CPU
 record() { # KEY WALL RSS_KIB
     WALL[$1]+="$2 "
     local r=$((($3 + 1023) / 1024))
@@ -123,10 +123,11 @@ record() { # KEY WALL RSS_KIB
 timed() { # KEY CMD... : runs under /usr/bin/time, records wall and RSS
     local key=$1
     shift
-    "$TIME" -f '%e %M' -o "$SCRATCH/time" "$@" >"$SCRATCH/out" 2>"$SCRATCH/err" ||
+    "$TIME" -f '%e %M %U %S' -o "$SCRATCH/time" "$@" >"$SCRATCH/out" 2>"$SCRATCH/err" ||
         die "$key failed: $(tail -5 "$SCRATCH/err")"
-    read -r wall rss <"$SCRATCH/time"
+    read -r wall rss user sys <"$SCRATCH/time"
     record "$key" "$wall" "$rss"
+    CPU[$key]+="$(awk -v u="$user" -v s="$sys" 'BEGIN { print u + s }') "
 }
 
 target_dir() { if [[ $1 == tmpfs ]]; then echo "$TMPFS"; else echo "$SCRATCH"; fi; }
@@ -135,8 +136,10 @@ for run in $(seq "$RUNS"); do
     log "run $run/$RUNS: sha256 ceiling"
     timed sha256 openssl dgst -sha256 "$IMAGE"
     log "run $run/$RUNS: HTTP -> DVCR"
+    reg_cpu0=$(awk '{ print $14 + $15 }' "/proc/$DVCR_PID/stat")
     timed dvcr-to-dvcr "$DVCR_BIN" import --from "$URL" --to "docker://$REGISTRY/bench/image:run$run" --dest-insecure --json
     JSON[dvcr]=$(cat "$SCRATCH/out")
+    REG_CPU+="$(awk -v a="$reg_cpu0" '{ printf "%.2f", ($14 + $15 - a) / 100 }' "/proc/$DVCR_PID/stat") "
     for target in $TARGETS; do
         dir=$(target_dir "$target")
         log "run $run/$RUNS: HTTP -> PVC ($target): dvcr"
@@ -161,7 +164,10 @@ med() { tr ' ' '\n' <<<"${WALL[$1]}" | grep -v '^$' | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mbps() { awk -v bytes="$IMAGE_BYTES" -v s="$1" 'BEGIN { printf "%.0f", bytes / s / 1048576 }'; }
 
+medcpu() { tr ' ' '\n' <<<"${CPU[$1]}" | grep -v '^$' | median; }
 SHA=$(med sha256)
+IMPORT_CPU=$(medcpu dvcr-to-dvcr)
+SERVE_CPU=$(tr ' ' '\n' <<<"$REG_CPU" | grep -v '^$' | median)
 DVCR_S=$(med dvcr-to-dvcr)
 SHARE=$(awk -v c="$SHA" -v d="$DVCR_S" 'BEGIN { printf "%.0f", c / d * 100 }')
 cat <<EOF
@@ -181,6 +187,13 @@ cat <<EOF
 | dvcr import HTTP -> DVCR | $DVCR_S | $(mbps "$DVCR_S") | ${RSS[dvcr-to-dvcr]} |
 
 dvcr reaches **${SHARE}%** of the single-stream SHA-256 ceiling (goal: at least 60%).
+
+CPU seconds per run (median): the importer ${IMPORT_CPU} s, the registry (\`dvcr serve\`)
+${SERVE_CPU} s, for $((IMAGE_BYTES / 1048576)) MiB. Both hash every byte (the importer to name
+the layer, the registry to verify it), and here they share the machine's $(nproc) cores with
+nginx; in a cluster they run on different nodes. The importer alone processes
+**$(awk -v b="$IMAGE_BYTES" -v c="$IMPORT_CPU" 'BEGIN { printf "%.0f", b / c / 1048576 }') MiB per CPU-second**
+($(awk -v b="$IMAGE_BYTES" -v c="$IMPORT_CPU" -v s="$SHA" 'BEGIN { printf "%.0f", (b / c) / (b / s) * 100 }')% of the ceiling).
 
 ## HTTP -> PVC against download-then-convert
 

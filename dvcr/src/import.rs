@@ -81,6 +81,11 @@ pub struct Args {
     #[arg(long, env = "DVCR_SCRATCH_DIR")]
     scratch_dir: Option<PathBuf>,
 
+    /// The most scratch space to use (e.g. 50G); a compressed source whose unpacked image
+    /// is larger fails with a clear error instead of filling the disk.
+    #[arg(long)]
+    scratch_limit: Option<String>,
+
     /// Print a one-line JSON summary on standard output.
     #[arg(long)]
     json: bool,
@@ -170,6 +175,11 @@ fn job(args: &Args) -> Result<Job, ImportError> {
             dvcr_importer::checksum::parse(spec).map_err(|e| ImportError::config(e.to_string()))?;
     }
     job.scratch_dir = args.scratch_dir.clone();
+    if let Some(limit) = &args.scratch_limit {
+        job.scratch_limit = Some(dvcr_importer::env::parse_size(limit).ok_or_else(|| {
+            ImportError::config(format!("--scratch-limit {limit}: not a size (e.g. 50G)"))
+        })?);
+    }
     Ok(job)
 }
 

@@ -302,6 +302,29 @@ fn a_gzipped_image_is_stored_unwrapped_after_measuring_it_in_scratch() {
     ]);
     assert_eq!(json["format"], "qcow2");
     assert!(json["scratch-bytes"].as_u64().unwrap() > 0, "{json}");
+    // Scratch space is bounded: a limit below the unpacked size fails clearly, and
+    // publishes nothing.
+    let (ok, failed, _) = import(&[
+        "--from",
+        &url,
+        "--to",
+        &docker(&registry, "vi/ns/gz:limited"),
+        "--dest-insecure",
+        "--scratch-limit",
+        "1M",
+    ]);
+    assert!(!ok);
+    assert!(
+        failed["error"].as_str().unwrap().contains("scratch space"),
+        "{failed}"
+    );
+    assert_eq!(
+        registry
+            .req("GET", "/v2/vi/ns/gz/manifests/limited")
+            .send()
+            .status,
+        404
+    );
     let (manifest, dir) = skopeo_pull(&registry, "vi/ns/gz:4", &scratch, "pulled");
     let out = untar_layer(&manifest, &dir, &scratch, "unpacked");
     // The stored file is the qcow2 itself, never the .gz wrapper.
@@ -601,4 +624,98 @@ fn the_importer_serves_the_progress_gauges_with_the_owner_label() {
             && scraped.contains("registry_current_speed{ownerUID=\"uid-42\"}"),
         "gauges seen mid-import: {scraped}"
     );
+}
+
+#[test]
+fn every_format_and_wrapper_goes_into_dvcr_and_back_onto_a_disk_equal_to_the_source() {
+    let scratch = Scratch::new();
+    let raw = mixed_raw(&scratch, "source.raw", 48 << 20);
+    let registry = Registry::start();
+    let mut images: Vec<(String, PathBuf, &str)> = Vec::new();
+    for (format, options, label) in [
+        ("qcow2", "compat=1.1", "qcow2"),
+        ("qcow2", "compat=0.10", "qcow2"),
+        ("vmdk", "subformat=streamOptimized", "vmdk"),
+        ("vmdk", "subformat=monolithicSparse", "vmdk"),
+        ("vdi", "static=off", "vdi"),
+        ("vpc", "subformat=dynamic", "vhd"),
+        ("vhdx", "subformat=dynamic", "vhdx"),
+    ] {
+        let image = scratch.path(&format!("image-{format}-{}.img", options.replace('=', "-")));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            format,
+            "-o",
+            options,
+            s(&raw),
+            s(&image),
+        ]);
+        images.push((format!("{format} {options}"), image, label));
+    }
+    // Compressed sources: unwrapped (and measured in scratch) before they are stored.
+    let qcow2 = images[0].1.clone();
+    for wrapper in dvcr_tests::Wrapper::ALL {
+        let wrapped = dvcr_tests::write(
+            &scratch,
+            &format!("image.qcow2.{}", wrapper.name()),
+            &wrapper.compress(&qcow2),
+        );
+        images.push((format!("qcow2 in {}", wrapper.name()), wrapped, "qcow2"));
+    }
+    for (i, (what, image, label)) in images.iter().enumerate() {
+        let (url, _) = serve_file(image, true);
+        let repo = format!("vi/ns/fmt{i}:uid");
+        let json = import_ok(&[
+            "--from",
+            &url,
+            "--to",
+            &docker(&registry, &repo),
+            "--dest-insecure",
+        ]);
+        assert_eq!(json["format"], *label, "{what}: {json}");
+        // VHD rounds the size up to its CHS geometry, as qemu does; the rest is exact.
+        let virtual_size = json["virtual-size"].as_u64().unwrap();
+        if *label == "vhd" {
+            assert!(
+                (48 << 20..(48 << 20) + (1 << 20)).contains(&virtual_size),
+                "{what}"
+            );
+        } else {
+            assert_eq!(virtual_size, 48 << 20, "{what}");
+        }
+        let disk = scratch.path(&format!("disk{i}.img"));
+        import_ok(&[
+            "--from",
+            &docker(&registry, &repo),
+            "--to",
+            s(&disk),
+            "--insecure",
+        ]);
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&disk)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what} via DVCR: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Straight from HTTP onto a disk too.
+        let direct = scratch.path(&format!("direct{i}.img"));
+        import_ok(&["--from", &url, "--to", s(&direct)]);
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&direct)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what} to a disk: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::fs::remove_file(&disk).unwrap();
+        std::fs::remove_file(&direct).unwrap();
+    }
 }

@@ -17,6 +17,7 @@
 //! | `IMPORTER_INSECURE_TLS` | `true`: the source registry may use any certificate or plain HTTP |
 //! | `DESTINATION_INSECURE_TLS` | `true`: DVCR may use any certificate or plain HTTP |
 //! | `IMPORTER_SCRATCH_DIR` | scratch space (default: the system temp dir) |
+//! | `IMPORTER_SCRATCH_LIMIT` | the most scratch bytes (only compressed sources into DVCR use any) |
 //! | `IMPORTER_PLATFORM` | `os/arch[/variant]` picked from an image index (default `linux/amd64`) |
 //! | `OWNER_UID` | the `ownerUID` label of the gauges |
 //! | `IMPORTER_METRICS_ADDR` | where the gauges are served (default `0.0.0.0:8443`) |
@@ -204,6 +205,14 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<(Job, Reporting)
             crate::checksum::parse(&spec).map_err(|e| ImportError::config(e.to_string()))?;
     }
     job.scratch_dir = var("IMPORTER_SCRATCH_DIR").map(PathBuf::from);
+    job.scratch_limit = match var("IMPORTER_SCRATCH_LIMIT") {
+        Some(t) => Some(parse_size(&t).ok_or_else(|| {
+            ImportError::config(format!(
+                "IMPORTER_SCRATCH_LIMIT={t:?} is not a size (e.g. 20Gi)"
+            ))
+        })?),
+        None => None,
+    };
     let metrics_addr = match var("IMPORTER_METRICS_ADDR").as_deref() {
         Some("off") => None,
         Some(addr) => Some(addr.parse().map_err(|_| {

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use crate::artifact::{self, Descriptor, Labels};
 use crate::checksum::{Expected, Verifying};
 use crate::error::{ErrorKind, ImportError};
-use crate::oci::{Client, Reference, RegistryOptions};
+use crate::oci::{BlobWriter, Client, Reference, RegistryOptions};
 use crate::report::{Meter, Progress};
 use crate::source::{self, HttpOptions};
 
@@ -124,6 +124,9 @@ pub struct Job {
     pub checksums: Vec<Expected>,
     /// Scratch space for data that has to be measured or placed before it can be written.
     pub scratch_dir: Option<PathBuf>,
+    /// The most scratch bytes a compressed source into DVCR may use (its unpacked data
+    /// must be measured before the tar header is written); `None`: the free space.
+    pub scratch_limit: Option<u64>,
     /// Memory for not-yet-placed data before it spills to scratch.
     pub pending_memory: usize,
     /// Bytes read so far (for gauges and progress bars).
@@ -138,6 +141,7 @@ impl Job {
             destination,
             checksums: Vec::new(),
             scratch_dir: None,
+            scratch_limit: None,
             pending_memory: 16 << 20,
             progress: Arc::new(Progress::new()),
         }
@@ -192,6 +196,7 @@ pub fn run(job: Job) -> Result<Outcome, ImportError> {
         destination,
         checksums,
         scratch_dir,
+        scratch_limit,
         pending_memory,
         progress,
     } = job;
@@ -244,7 +249,7 @@ pub fn run(job: Job) -> Result<Outcome, ImportError> {
             opened,
             &reference,
             options,
-            scratch_dir.as_deref(),
+            (scratch_dir.as_deref(), scratch_limit),
             &progress,
         ),
     };
@@ -449,7 +454,7 @@ fn blank(size: u64, destination: Destination, progress: &Progress) -> Result<Out
                 length: Some(size),
                 name: "a blank disk".into(),
             };
-            to_registry(opened, &reference, options, None, progress)
+            to_registry(opened, &reference, options, (None, None), progress)
         }
     }
 }
@@ -490,12 +495,12 @@ impl<W> Hashing<W> {
 
 /// The layer being written: plain tar, or tar inside zstd (then the uncompressed tar is
 /// hashed too, for the config's diff ID).
-enum Layer<W: Write> {
-    Plain(Hashing<W>),
-    Zstd(Hashing<zstd::stream::write::Encoder<'static, Hashing<W>>>),
+enum Layer {
+    Plain(Hashing<BlobWriter>),
+    Zstd(Hashing<zstd::stream::write::Encoder<'static, Hashing<BlobWriter>>>),
 }
 
-impl<W: Write> Layer<W> {
+impl Layer {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Layer::Plain(w) => w.write_all(data),
@@ -503,8 +508,21 @@ impl<W: Write> Layer<W> {
         }
     }
 
+    /// Writes a chunk the caller will not touch again: a plain layer hands it to the
+    /// upload as it is, without a copy.
+    fn write_chunk(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+        match self {
+            Layer::Plain(w) => {
+                w.hash.update(&chunk);
+                w.len += chunk.len() as u64;
+                w.inner.write_chunk(chunk)
+            }
+            Layer::Zstd(w) => w.write_all(&chunk),
+        }
+    }
+
     /// Ends the layer: (diff ID, blob digest, blob size, the inner writer).
-    fn finish(self) -> io::Result<(String, String, u64, W)> {
+    fn finish(self) -> io::Result<(String, String, u64, BlobWriter)> {
         match self {
             Layer::Plain(w) => {
                 let d = w.digest();
@@ -523,11 +541,48 @@ impl<W: Write> Layer<W> {
 /// Read size through the DVCR path.
 const CHUNK: usize = 1 << 20;
 
+/// Buffers lent to the upload, taken back once it dropped its handle: the copy loop then
+/// reuses warm memory instead of faulting in fresh pages for every chunk.
+#[derive(Default)]
+struct ChunkPool {
+    lent: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl ChunkPool {
+    /// Chunks kept track of (the upload queues a few; more are simply allocated).
+    const KEEP: usize = 8;
+
+    /// A buffer of [`CHUNK`] bytes.
+    fn take(&mut self) -> bytes::BytesMut {
+        if let Some(front) = self.lent.front()
+            && front.is_unique()
+            && let Some(chunk) = self.lent.pop_front()
+            && let Ok(mut buf) = chunk.try_into_mut()
+        {
+            let len = buf.len();
+            if len < CHUNK {
+                buf.resize(CHUNK, 0);
+            }
+            return buf;
+        }
+        let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+        buf.resize(CHUNK, 0);
+        buf
+    }
+
+    fn lend(&mut self, chunk: bytes::Bytes) {
+        if self.lent.len() == Self::KEEP {
+            self.lent.pop_front();
+        }
+        self.lent.push_back(chunk);
+    }
+}
+
 fn to_registry(
     opened: Opened,
     reference: &Reference,
     options: RegistryOptions,
-    scratch_dir: Option<&Path>,
+    (scratch_dir, scratch_limit): (Option<&Path>, Option<u64>),
     progress: &Progress,
 ) -> Result<Outcome, ImportError> {
     let (mut inner, compression) =
@@ -549,7 +604,8 @@ fn to_registry(
             (rest, len)
         }
         _ => {
-            let (file, len, written) = spill(&head, &mut inner, scratch_dir, raw_like)?;
+            let (file, len, written) =
+                spill(&head, &mut inner, scratch_dir, scratch_limit, raw_like)?;
             scratch_bytes = written;
             (Box::new(SequentialFile::new(file)), len)
         }
@@ -573,15 +629,16 @@ fn to_registry(
     layer
         .write_all(&artifact::layer_prefix(file_name, size))
         .map_err(write_err)?;
-    let mut buf = vec![0u8; CHUNK];
+    // Chunks are read into buffers that go to the upload as they are (no second copy);
+    // a buffer comes back for the next read once the upload has sent and dropped it.
+    let mut pool = ChunkPool::default();
     let mut copied = 0u64;
     loop {
-        let n = match data.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read_error(e)),
-        };
+        let mut buf = pool.take();
+        let n = read_full(&mut data, &mut buf).map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
         copied += n as u64;
         if copied > size {
             return Err(ImportError::new(
@@ -590,8 +647,11 @@ fn to_registry(
                 format!("the source sent more than the {size} bytes it announced"),
             ));
         }
-        probe.feed(&buf[..n]);
-        layer.write_all(&buf[..n]).map_err(write_err)?;
+        buf.truncate(n);
+        probe.feed(&buf);
+        let chunk = buf.freeze();
+        pool.lend(chunk.clone());
+        layer.write_chunk(chunk).map_err(write_err)?;
     }
     if copied != size {
         return Err(ImportError::new(
@@ -679,6 +739,11 @@ fn read_error(e: io::Error) -> ImportError {
     ImportError::new(ErrorKind::Source, true, crate::error::chain(&e))
 }
 
+/// The scratch limit was reached (inside an `io::Error` from the spill loop).
+#[derive(Debug, thiserror::Error)]
+#[error("the scratch limit was reached")]
+struct ScratchLimit;
+
 /// Zero blocks skipped when spilling a raw image to scratch (they become holes).
 const SPILL_BLOCK: usize = 64 << 10;
 
@@ -689,9 +754,25 @@ fn spill(
     head: &[u8],
     rest: &mut impl Read,
     dir: Option<&Path>,
+    limit: Option<u64>,
     raw_like: bool,
 ) -> Result<(File, u64, u64), ImportError> {
     let scratch_err = |e: io::Error| {
+        if let (Some(limit), Some(ScratchLimit)) = (
+            limit,
+            e.get_ref()
+                .and_then(|inner| inner.downcast_ref::<ScratchLimit>()),
+        ) {
+            return ImportError::new(
+                ErrorKind::Config,
+                false,
+                format!(
+                    "the unpacked image needs more than the {limit} bytes of scratch space allowed \
+                     (--scratch-limit, IMPORTER_SCRATCH_LIMIT); raise the limit, or give the image \
+                     uncompressed so that its size is known before it is stored"
+                ),
+            );
+        }
         ImportError::new(
             ErrorKind::Destination,
             true,
@@ -714,6 +795,9 @@ fn spill(
                 if raw_like && dvcr_formats::sink::is_zero(block) {
                     file.seek(io::SeekFrom::Current(block.len() as i64))?;
                 } else {
+                    if limit.is_some_and(|l| written + block.len() as u64 > l) {
+                        return Err(io::Error::other(ScratchLimit));
+                    }
                     file.write_all(block)?;
                     written += block.len() as u64;
                 }

@@ -544,6 +544,28 @@ impl Drop for BlobWriter {
     }
 }
 
+impl BlobWriter {
+    /// Sends `chunk` as it is (after anything buffered): no copy, for callers that read into
+    /// buffers of their own and give them away.
+    pub fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+        if self.finished {
+            return Err(io::Error::other(
+                "the upload is already finished or aborted",
+            ));
+        }
+        if !self.buffer.is_empty() {
+            let rest = self.buffer.split().freeze();
+            self.send(rest)?;
+        }
+        let len = chunk.len() as u64;
+        if len > 0 {
+            self.send(chunk)?;
+        }
+        self.written += len;
+        Ok(())
+    }
+}
+
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.finished {
