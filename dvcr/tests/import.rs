@@ -655,6 +655,8 @@ fn every_format_and_wrapper_goes_into_dvcr_and_back_onto_a_disk_equal_to_the_sou
         ]);
         images.push((format!("{format} {options}"), image, label));
     }
+    // Raw goes into DVCR in a zstd layer, and comes back out of it.
+    images.push(("raw".into(), raw.clone(), "raw"));
     // Compressed sources: unwrapped (and measured in scratch) before they are stored.
     let qcow2 = images[0].1.clone();
     for wrapper in dvcr_tests::Wrapper::ALL {

@@ -54,7 +54,11 @@ impl Uploader {
         let log = std::fs::File::create(dir.path().join("uploader.log")).unwrap();
         let mut child = Command::new(UPLOADER)
             .args(["serve", "--listen", "127.0.0.1:0", "--key-file", s(&key)])
-            .args(["--registry", &registry.addr, "--insecure"])
+            .args(if extra.contains(&"--disk") {
+                vec![]
+            } else {
+                vec!["--registry", &registry.addr, "--insecure"]
+            })
             .args(["--spool-dir", s(&spool)])
             .args(["--termination-log", s(&termination_log)])
             .args(extra)
@@ -577,4 +581,23 @@ fn an_upload_not_resumed_within_the_wait_timeout_fails_and_publishes_nothing() {
             .unwrap()
             .contains("not resumed")
     );
+}
+
+#[test]
+fn an_upload_to_a_disk_target_is_written_as_a_raw_disk() {
+    let scratch = Scratch::new();
+    let image = qcow2_image(&scratch);
+    let disk = scratch.path("pvc-disk.img");
+    let registry = Registry::start();
+    let up = Uploader::start(&registry, &["--disk", s(&disk)]);
+    let url = up.url("vi/ns/pvc:uid-13", "1h");
+    let (code, body) = curl_code(&["-T", s(&image), &url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"format\":\"qcow2\""), "{body}");
+    let cmp = Command::new("qemu-img")
+        .args(["compare", s(&image), s(&disk)])
+        .output()
+        .unwrap();
+    assert!(cmp.status.success(), "qemu-img compare: {cmp:?}");
+    assert!(!has_tag(&registry, "vi/ns/pvc", "uid-13"));
 }

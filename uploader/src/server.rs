@@ -133,6 +133,8 @@ struct Inner {
     upload: Option<Upload>,
     outcome: Option<Outcome>,
     failure: Option<Failure>,
+    /// The pipeline's result is recorded and the report written.
+    settled: bool,
 }
 
 #[derive(Debug)]
@@ -306,6 +308,7 @@ impl Uploader {
                 upload: None,
                 outcome: None,
                 failure: None,
+                settled: false,
             }),
             progress: Arc::new(Progress::new()),
             changed: watch::channel(0).0,
@@ -407,6 +410,33 @@ impl Uploader {
         text(status, message)
     }
 
+    /// [`Uploader::fail`], then waits (a bounded time) for the pipeline to stop and the
+    /// final report to be written, so the answer, the status and the report agree.
+    async fn fail_settled(&self, status: StatusCode, message: String) -> Response {
+        let response = self.fail(status, message);
+        let mut rx = self.0.changed.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let inner = self.lock();
+                    if inner.settled || inner.upload.is_none() {
+                        return;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the import did not stop within 60s after the upload failed");
+        }
+        response
+    }
+
     fn failure_response(&self) -> Option<Response> {
         let inner = self.lock();
         match (inner.phase, &inner.failure) {
@@ -478,10 +508,9 @@ impl Uploader {
             });
         let this = self.clone();
         if let Err(e) = spawned {
-            let _ = this.fail(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot start the import thread: {e}"),
-            );
+            let message = format!("cannot start the import thread: {e}");
+            let _ = this.fail(StatusCode::INTERNAL_SERVER_ERROR, message.clone());
+            tokio::spawn(async move { this.settle(Err(ImportError::config(message))).await });
             return;
         }
         tokio::spawn(async move {
@@ -526,6 +555,7 @@ impl Uploader {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the spool file");
         }
         self.write_report(result.ok()).await;
+        self.lock().settled = true;
         self.notify();
     }
 
@@ -818,13 +848,19 @@ impl Uploader {
         let mut file = match opened {
             Ok(f) => f,
             Err(e) => {
-                return self.fail(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "cannot open the spool file {}: {e}; check --spool-dir",
-                        spool.path().display()
-                    ),
+                let message = format!(
+                    "cannot open the spool file {}: {e}; check --spool-dir",
+                    spool.path().display()
                 );
+                if !new {
+                    return self
+                        .fail_settled(StatusCode::INTERNAL_SERVER_ERROR, message)
+                        .await;
+                }
+                // No pipeline runs yet: record the failure and write the report here.
+                let response = self.fail(StatusCode::INTERNAL_SERVER_ERROR, message.clone());
+                self.settle(Err(ImportError::config(message))).await;
+                return response;
             }
         };
         if new {
@@ -835,10 +871,12 @@ impl Uploader {
         }
         // Bytes past the durable offset (from a request that was cut off) are dropped.
         if let Err(e) = positioned(&mut file, start).await {
-            return self.fail(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot prepare the spool file: {e}"),
-            );
+            return self
+                .fail_settled(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot prepare the spool file: {e}"),
+                )
+                .await;
         }
         self.stream_body(file, spool, start, boundary, body).await
     }
@@ -883,7 +921,9 @@ impl Uploader {
                 Some(p) => {
                     extracted.clear();
                     if let Err(e) = p.push(&chunk, &mut extracted) {
-                        return self.fail(StatusCode::BAD_REQUEST, e.to_string());
+                        return self
+                            .fail_settled(StatusCode::BAD_REQUEST, e.to_string())
+                            .await;
                     }
                     &extracted
                 }
@@ -893,53 +933,66 @@ impl Uploader {
             if let Some(max) = max_size
                 && next > max
             {
-                return self.fail(
+                return self.fail_settled(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
                         "the upload is larger than the {max} bytes this URL accepts (--max-size); nothing was stored"
                     ),
-                );
+                )
+                .await;
             }
             if let Some(t) = declared
                 && next > t
             {
-                return self.fail(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body is longer than the {t} bytes announced; nothing was stored"),
-                );
+                return self
+                    .fail_settled(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "the body is longer than the {t} bytes announced; nothing was stored"
+                        ),
+                    )
+                    .await;
             }
             if let Err(e) = file.write_all(data).await {
-                return self.fail(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot write the spool file: {e}; check the space in --spool-dir"),
-                );
+                return self
+                    .fail_settled(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot write the spool file: {e}; check the space in --spool-dir"),
+                    )
+                    .await;
             }
             written = next;
             if written - published >= PUBLISH_EVERY {
                 match sync(&mut file, &spool, written).await {
                     Ok(n) => published = n,
                     Err(e) => {
-                        return self.fail(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("cannot sync the spool file: {e}"),
-                        );
+                        return self
+                            .fail_settled(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("cannot sync the spool file: {e}"),
+                            )
+                            .await;
                     }
                 }
             }
         }
         if let Err(e) = sync(&mut file, &spool, written).await {
-            return self.fail(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot sync the spool file: {e}"),
-            );
+            return self
+                .fail_settled(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot sync the spool file: {e}"),
+                )
+                .await;
         }
         if let Some(p) = &part
             && !p.is_done()
         {
-            return self.fail(
-                StatusCode::BAD_REQUEST,
-                multipart::MultipartError::Incomplete.to_string(),
-            );
+            return self
+                .fail_settled(
+                    StatusCode::BAD_REQUEST,
+                    multipart::MultipartError::Incomplete.to_string(),
+                )
+                .await;
         }
         let total = {
             let mut inner = self.lock();
@@ -965,12 +1018,18 @@ impl Uploader {
             let scratch = self.0.config.spool_dir.clone();
             match tokio::task::spawn_blocking(move || check_decodes(&path, &scratch)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(why)) => return self.fail(StatusCode::UNPROCESSABLE_ENTITY, why),
+                Ok(Err(why)) => {
+                    return self
+                        .fail_settled(StatusCode::UNPROCESSABLE_ENTITY, why)
+                        .await;
+                }
                 Err(e) => {
-                    return self.fail(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("checking the image failed: {e}"),
-                    );
+                    return self
+                        .fail_settled(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("checking the image failed: {e}"),
+                        )
+                        .await;
                 }
             }
         }
