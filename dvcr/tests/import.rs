@@ -721,3 +721,30 @@ fn every_format_and_wrapper_goes_into_dvcr_and_back_onto_a_disk_equal_to_the_sou
         std::fs::remove_file(&direct).unwrap();
     }
 }
+
+#[test]
+fn a_truncated_image_with_a_sound_header_is_refused_and_nothing_is_published() {
+    let scratch = Scratch::new();
+    let (_, qcow2) = qcow2_image(&scratch);
+    let bytes = std::fs::read(&qcow2).unwrap();
+    let cut = dvcr_tests::write(&scratch, "cut.qcow2", &bytes[..bytes.len() / 2]);
+    let (url, _) = serve_file(&cut, true);
+    let registry = Registry::start();
+    let (ok, json, _) = import(&[
+        "--from",
+        &url,
+        "--to",
+        &docker(&registry, "vi/ns/cut:1"),
+        "--dest-insecure",
+    ]);
+    assert!(!ok, "a truncated image must not be stored: {json}");
+    assert_eq!(json["kind"], "image", "{json}");
+    assert_eq!(json["transient"], false);
+    assert_eq!(
+        registry
+            .req("GET", "/v2/vi/ns/cut/manifests/1")
+            .send()
+            .status,
+        404
+    );
+}

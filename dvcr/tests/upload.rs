@@ -536,7 +536,7 @@ fn an_unsafe_or_truncated_image_is_refused_with_422_and_nothing_is_published() {
     let url = up.url("vi/ns/truncated:uid-11", "1h");
     let (code, body) = curl_code(&["-T", s(&truncated), &url]);
     assert_eq!(code, 422, "{body}");
-    assert!(body.contains("not usable"), "{body}");
+    assert!(body.contains("truncated"), "{body}");
     let status = up.status();
     assert_eq!(status["phase"], "Failed", "{status}");
     assert!(!has_tag(&registry, "vi/ns/truncated", "uid-11"));

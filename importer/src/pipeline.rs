@@ -538,6 +538,92 @@ impl Layer {
     }
 }
 
+/// A sink that drops what it is given: the decoder run only to check an image.
+struct NullSink;
+
+impl dvcr_formats::Sink for NullSink {
+    fn set_size(&self, _size: u64) -> dvcr_formats::Result<()> {
+        Ok(())
+    }
+
+    fn write_at(&self, _offset: u64, _data: &[u8]) -> dvcr_formats::Result<()> {
+        Ok(())
+    }
+}
+
+/// Chunks in flight to the validating decoder.
+const VALIDATE_DEPTH: usize = 8;
+
+/// The single-pass decoder run over the same chunks as the upload, on a thread of its own,
+/// writing nowhere: it finds what a header-only probe cannot (tables pointing past the end
+/// of a truncated file, clusters that do not inflate, overlapping extents).
+struct Validator {
+    tx: Option<std::sync::mpsc::SyncSender<bytes::Bytes>>,
+    thread: std::thread::JoinHandle<dvcr_formats::Result<dvcr_formats::Decoded>>,
+}
+
+/// The receiving end, as a reader for the decoder.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.recv() {
+                Ok(chunk) => self.current = chunk,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+impl Validator {
+    fn start(opts: Options) -> Result<Self, ImportError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(VALIDATE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("validate".into())
+            .spawn(move || {
+                let reader = ChunkReader {
+                    rx,
+                    current: bytes::Bytes::new(),
+                };
+                dvcr_formats::decode(Box::new(reader), None, &NullSink, &opts)
+            })
+            .map_err(|e| {
+                ImportError::new(
+                    ErrorKind::Destination,
+                    true,
+                    format!("cannot start a thread: {e}"),
+                )
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread,
+        })
+    }
+
+    /// Passes the next chunk; false when the decoder has stopped (with an error).
+    fn feed(&mut self, chunk: bytes::Bytes) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok())
+    }
+
+    /// Ends the stream and waits for the decoder's verdict.
+    fn finish(mut self) -> dvcr_formats::Result<dvcr_formats::Decoded> {
+        self.tx = None;
+        self.thread.join().unwrap_or_else(|_| {
+            Err(dvcr_formats::Error::new(
+                dvcr_formats::ErrorKind::Io,
+                "the image check stopped unexpectedly",
+            ))
+        })
+    }
+}
+
 /// Read size through the DVCR path.
 const CHUNK: usize = 1 << 20;
 
@@ -629,6 +715,17 @@ fn to_registry(
     layer
         .write_all(&artifact::layer_prefix(file_name, size))
         .map_err(write_err)?;
+    // Images with tables are decoded on the way (into nothing) by a thread of their own:
+    // a truncated or damaged image whose header is fine fails here, before anything is
+    // published, instead of when a disk is made from it.
+    let mut validator = if raw_like {
+        None
+    } else {
+        Some(Validator::start(Options {
+            scratch_dir: scratch_dir.map(Path::to_path_buf),
+            ..Options::default()
+        })?)
+    };
     // Chunks are read into buffers that go to the upload as they are (no second copy);
     // a buffer comes back for the next read once the upload has sent and dropped it.
     let mut pool = ChunkPool::default();
@@ -650,6 +747,15 @@ fn to_registry(
         buf.truncate(n);
         probe.feed(&buf);
         let chunk = buf.freeze();
+        if let Some(v) = validator.as_mut()
+            && !v.feed(chunk.clone())
+            && let Some(v) = validator.take()
+        {
+            // The decoder stopped early: the image is damaged.
+            return Err(v.finish().map_or_else(ImportError::from_formats, |_| {
+                ImportError::new(ErrorKind::Image, false, "checking the image stopped early")
+            }));
+        }
         pool.lend(chunk.clone());
         layer.write_chunk(chunk).map_err(write_err)?;
     }
@@ -661,6 +767,10 @@ fn to_registry(
         ));
     }
     let info = probe.finish().map_err(ImportError::from_formats)?;
+    if let Some(v) = validator.take() {
+        let checked = v.finish().map_err(ImportError::from_formats)?;
+        scratch_bytes += checked.scratch_bytes;
+    }
     layer
         .write_all(&artifact::layer_suffix(size))
         .map_err(write_err)?;

@@ -1011,28 +1011,6 @@ impl Uploader {
             return r;
         }
         self.0.progress.set_total(Some(total));
-        if matches!(self.0.config.target, Target::Registry { .. }) {
-            // DVCR stores the image as it is: check that it decodes before the pipeline
-            // sees the end and publishes it.
-            let path = spool.path().to_path_buf();
-            let scratch = self.0.config.spool_dir.clone();
-            match tokio::task::spawn_blocking(move || check_decodes(&path, &scratch)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => {
-                    return self
-                        .fail_settled(StatusCode::UNPROCESSABLE_ENTITY, why)
-                        .await;
-                }
-                Err(e) => {
-                    return self
-                        .fail_settled(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("checking the image failed: {e}"),
-                        )
-                        .await;
-                }
-            }
-        }
         spool.complete();
         tracing::info!(bytes = total, "every byte arrived; storing the image");
         self.wait_final().await
@@ -1048,55 +1026,6 @@ impl Uploader {
             Some(u) => (u.spool.durable(), u.total),
         }
     }
-}
-
-/// Discards decoded guest data: only whether the image decodes matters.
-struct Discard;
-
-impl dvcr_formats::Sink for Discard {
-    fn set_size(&self, _size: u64) -> dvcr_formats::Result<()> {
-        Ok(())
-    }
-
-    fn write_at(&self, _offset: u64, _data: &[u8]) -> dvcr_formats::Result<()> {
-        Ok(())
-    }
-}
-
-/// Decodes the complete upload at `path` without keeping the result, so a truncated or
-/// damaged image is refused before it is published. Raw and ISO images (uncompressed)
-/// have nothing to check. Blocking: run it off the reactor.
-fn check_decodes(path: &std::path::Path, scratch: &std::path::Path) -> Result<(), String> {
-    use dvcr_formats::Format;
-    let explain = |e: dvcr_formats::Error| {
-        format!(
-            "the uploaded image is not usable: {}",
-            dvcr_importer::error::chain(&e)
-        )
-    };
-    let probed = dvcr_formats::probe_path(path).map_err(explain)?;
-    if probed.compression.is_empty() && matches!(probed.info.format, Format::Raw | Format::Iso) {
-        return Ok(());
-    }
-    let file = std::fs::File::open(path).map_err(|e| format!("reading the spool file: {e}"))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("reading the spool file: {e}"))?
-        .len();
-    let random: Option<dvcr_formats::RandomAccess> = if probed.compression.is_empty() {
-        let view = file
-            .try_clone()
-            .map_err(|e| format!("reading the spool file: {e}"))?;
-        Some(Box::new(dvcr_formats::FileView::new(view, len)))
-    } else {
-        None
-    };
-    let options = dvcr_formats::Options {
-        scratch_dir: Some(scratch.to_path_buf()),
-        ..dvcr_formats::Options::default()
-    };
-    dvcr_formats::decode(Box::new(file), random, &Discard, &options).map_err(explain)?;
-    Ok(())
 }
 
 async fn positioned(file: &mut tokio::fs::File, start: u64) -> std::io::Result<()> {
