@@ -553,6 +553,25 @@ fn a_permanent_failure_exits_zero_with_the_error_and_a_transient_one_exits_non_z
     );
     assert!(!out.status.success(), "a transient failure exits non-zero");
     assert!(report["error-message"].as_str().is_some());
+
+    // A malformed checksum in the job's environment is the user's input: reported, not retried.
+    let (out, report) = run_importer(
+        &[
+            ("IMPORTER_SOURCE", "http"),
+            ("IMPORTER_ENDPOINT", &url),
+            ("IMPORTER_DESTINATION_PATH", s(&scratch.path("disk.img"))),
+            ("IMPORTER_CHECKSUMS", "sha256:not-hex"),
+        ],
+        &log,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        report["error-message"]
+            .as_str()
+            .unwrap()
+            .contains("checksum"),
+        "{report}"
+    );
 }
 
 #[test]

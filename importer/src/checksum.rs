@@ -179,6 +179,7 @@ pub struct Verifying<R> {
     spare: mpsc::Receiver<Vec<u8>>,
     worker: Option<JoinHandle<Vec<(Expected, String)>>>,
     done: bool,
+    failed: Option<Mismatch>,
 }
 
 impl<R> fmt::Debug for Verifying<R> {
@@ -224,6 +225,7 @@ impl<R: Read> Verifying<R> {
             spare,
             worker,
             done: false,
+            failed: None,
         })
     }
 
@@ -254,12 +256,19 @@ impl<R: Read> Verifying<R> {
 impl<R: Read> Read for Verifying<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.done {
-            return Ok(0);
+            // A mismatch stays an error on every later read: never a clean end.
+            return match &self.failed {
+                Some(m) => Err(io::Error::new(io::ErrorKind::InvalidData, m.clone())),
+                None => Ok(0),
+            };
         }
         let n = self.inner.read(buf)?;
         if n == 0 {
             self.done = true;
-            self.finish()?;
+            if let Err(e) = self.finish() {
+                self.failed = find_mismatch(&e).cloned();
+                return Err(e);
+            }
             return Ok(0);
         }
         if let Some(tx) = &self.tx {
@@ -354,6 +363,7 @@ mod tests {
         )
         .unwrap_err();
         let m = find_mismatch(&e).unwrap();
+        assert_eq!(m.actual.len(), 64);
         assert_eq!(m.algorithm, "sha256");
         assert!(e.to_string().contains("expected sha256:9f86d0"), "{e}");
     }

@@ -42,8 +42,34 @@ pub struct Reporting {
     pub termination_log: PathBuf,
 }
 
-/// Parses a size: plain bytes or with a K/M/G/T/P suffix (binary units; `Gi`, `GiB` too, as
-/// Kubernetes quantities write them).
+/// Parses a Kubernetes quantity as bytes, the way a PVC's size is written: decimal
+/// suffixes `k`, `M`, `G`, `T`, `P` (powers of 1000) and binary ones `Ki`, `Mi`, `Gi`, `Ti`,
+/// `Pi` (powers of 1024); plain numbers are bytes. Used for the job's environment, which
+/// the platform fills from Kubernetes objects.
+pub fn parse_quantity(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: u64 = number.parse().ok()?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        _ => return None,
+    };
+    value.checked_mul(factor).filter(|&b| b <= 1 << 56)
+}
+
+/// Parses a size as command-line flags take it, like `qemu-img`: plain bytes or with a
+/// K/M/G/T/P suffix in binary units (`G`, `Gi` and `GiB` are all 2^30).
 pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
     let split = t
@@ -149,7 +175,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<(Job, Reporting)
                         "a blank disk needs its size in IMPORTER_ENDPOINT or IMPORTER_DESTINATION_SIZE",
                     )
                 })?;
-            Source::Blank(parse_size(&text).ok_or_else(|| {
+            Source::Blank(parse_quantity(&text).ok_or_else(|| {
                 ImportError::config(format!("{text:?} is not a size (e.g. 10Gi or 1073741824)"))
             })?)
         }
@@ -181,7 +207,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<(Job, Reporting)
             }
         };
         let size = match var("IMPORTER_DESTINATION_SIZE") {
-            Some(t) => Some(parse_size(&t).ok_or_else(|| {
+            Some(t) => Some(parse_quantity(&t).ok_or_else(|| {
                 ImportError::config(format!(
                     "IMPORTER_DESTINATION_SIZE={t:?} is not a size (e.g. 10Gi)"
                 ))
@@ -344,6 +370,17 @@ mod tests {
             assert!(!e.transient);
             assert!(e.to_string().contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn quantities_are_read_as_kubernetes_writes_them() {
+        assert_eq!(parse_quantity("10Gi"), Some(10 << 30));
+        assert_eq!(parse_quantity("10G"), Some(10_000_000_000));
+        assert_eq!(parse_quantity("500M"), Some(500_000_000));
+        assert_eq!(parse_quantity("2048"), Some(2048));
+        assert_eq!(parse_quantity("1.5Gi"), None);
+        assert_eq!(parse_quantity("10GB"), None);
+        assert_eq!(parse_quantity("99999Pi"), None);
     }
 
     #[test]

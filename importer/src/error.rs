@@ -126,6 +126,15 @@ impl ImportError {
         if crate::checksum::find_mismatch(e).is_some() {
             return Self::new(ErrorKind::Checksum, false, chain(e));
         }
+        // A registry that refuses the push (400, 413, denied) refuses it again on retry.
+        if let Some(oci) = find::<crate::oci::OciError>(e) {
+            return Self::new(ErrorKind::Destination, oci.is_transient(), chain(e));
+        }
+        if let Some(io) = find::<std::io::Error>(e)
+            && let Some(oci) = crate::oci::OciError::from_io(io)
+        {
+            return Self::new(ErrorKind::Destination, oci.is_transient(), chain(e));
+        }
         Self::new(ErrorKind::Destination, true, chain(e))
     }
 }

@@ -200,15 +200,24 @@ pub fn run(job: Job) -> Result<Outcome, ImportError> {
         pending_memory,
         progress,
     } = job;
+    // DVCR to DVCR without moving data: only when the source is read with the same
+    // credentials as the destination (a mount reads with the destination's, which must not
+    // open another tenant's image to someone who could not pull it), and only when no
+    // checksum asks for the bytes to be read.
     if let (
-        Source::Registry { reference, .. },
+        Source::Registry {
+            reference,
+            options: from_options,
+        },
         Destination::Registry {
             reference: to,
             options,
         },
     ) = (&source, &destination)
         && reference.registry == to.registry
-        && let Some(outcome) = copy_within_registry(reference, to, options)?
+        && from_options.auth_config == options.auth_config
+        && checksums.is_empty()
+        && let Some(outcome) = copy_within_registry(reference, to, from_options, options)?
     {
         return Ok(outcome);
     }
@@ -414,7 +423,11 @@ fn dvcr_formats_message(e: &dvcr_formats::Error) -> String {
     crate::error::chain(e)
 }
 
-fn blank(size: u64, destination: Destination, progress: &Progress) -> Result<Outcome, ImportError> {
+fn blank(
+    size: u64,
+    destination: Destination,
+    progress: &Arc<Progress>,
+) -> Result<Outcome, ImportError> {
     if size == 0 {
         return Err(ImportError::config(
             "a blank disk needs a size greater than zero",
@@ -449,7 +462,7 @@ fn blank(size: u64, destination: Destination, progress: &Progress) -> Result<Out
         Destination::Registry { reference, options } => {
             progress.set_total(Some(size));
             let opened = Opened {
-                reader: Box::new(io::repeat(0).take(size)),
+                reader: Box::new(Meter::new(io::repeat(0).take(size), Arc::clone(progress))),
                 random: None,
                 length: Some(size),
                 name: "a blank disk".into(),
@@ -843,6 +856,20 @@ fn read_error(e: io::Error) -> ImportError {
     if crate::checksum::find_mismatch(&e).is_some() {
         return ImportError::new(ErrorKind::Checksum, false, crate::error::chain(&e));
     }
+    if let Some(source) = crate::error::find::<crate::SourceError>(&e) {
+        return ImportError::new(
+            ErrorKind::Source,
+            source.is_transient(),
+            crate::error::chain(&e),
+        );
+    }
+    if let Some(oci) = crate::oci::OciError::from_io(&e) {
+        return ImportError::new(
+            ErrorKind::Source,
+            oci.is_transient(),
+            crate::error::chain(&e),
+        );
+    }
     if e.kind() == io::ErrorKind::InvalidData {
         return ImportError::new(ErrorKind::Image, false, crate::error::chain(&e));
     }
@@ -883,9 +910,18 @@ fn spill(
                 ),
             );
         }
+        // A full scratch disk fails the same way on every retry.
+        let full = matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        );
         ImportError::new(
-            ErrorKind::Destination,
-            true,
+            if full {
+                ErrorKind::Config
+            } else {
+                ErrorKind::Destination
+            },
+            !full,
             format!(
                 "writing scratch space (needed to measure a compressed image before storing it): {e}; \
                  give a scratch directory with room for the unpacked image"
@@ -938,12 +974,15 @@ fn spill(
 fn copy_within_registry(
     from: &Reference,
     to: &Reference,
+    from_options: &RegistryOptions,
     options: &RegistryOptions,
 ) -> Result<Option<Outcome>, ImportError> {
     let src_err = |e| ImportError::from_oci(e, ErrorKind::Source);
     let dst_err = |e| ImportError::from_oci(e, ErrorKind::Destination);
+    // The source is read with its own credentials; the mount needs the destination's.
+    let reader = Client::new(from_options.clone()).map_err(src_err)?;
     let client = Client::new(options.clone()).map_err(dst_err)?;
-    let (media_type, manifest, _) = client.get_manifest(from).map_err(src_err)?;
+    let (media_type, manifest, _) = reader.get_manifest(from).map_err(src_err)?;
     let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(&manifest) else {
         return Ok(None);
     };
@@ -963,7 +1002,7 @@ fn copy_within_registry(
     if layers.len() != 1 || config_size > 1 << 20 {
         return Ok(None);
     }
-    let config = client
+    let config = reader
         .get_blob_bytes(from, &config_digest, 1 << 20)
         .map_err(src_err)?;
     let Some(labels) = artifact::labels_of(&config) else {

@@ -278,6 +278,9 @@ fn answer(
     response
 }
 
+/// The longest error message kept in the final report.
+const MAX_ERROR_BYTES: usize = 2048;
+
 /// The final report, one line of JSON in the termination-message file. The first six keys
 /// are the platform's contract; the rest tell more without changing those.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -310,7 +313,20 @@ pub struct FinalReport {
 impl FinalReport {
     /// Writes the report as one line to `path` (replacing what is there).
     pub fn write_to(&self, path: &Path) -> io::Result<()> {
-        let mut line = serde_json::to_string(self).map_err(io::Error::other)?;
+        // Kubernetes keeps at most 4096 bytes of a termination message: a long error is
+        // cut (on a character boundary) so that the line stays whole, valid JSON.
+        let mut report = self.clone();
+        if let Some(message) = &mut report.error_message
+            && message.len() > MAX_ERROR_BYTES
+        {
+            let mut cut = MAX_ERROR_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        let mut line = serde_json::to_string(&report).map_err(io::Error::other)?;
         line.push('\n');
         std::fs::write(path, line)
     }
@@ -357,6 +373,21 @@ mod tests {
         assert_eq!(v["duration"], 5);
         assert_eq!(v["average-speed"], 2);
         assert!(v.get("error-message").is_none());
+    }
+
+    #[test]
+    fn a_long_error_is_cut_so_the_report_fits_a_termination_message() {
+        let report = FinalReport {
+            error_message: Some("é".repeat(5000)),
+            ..FinalReport::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        report.write_to(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() < 4096, "{} bytes", text.len());
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert!(v["error-message"].as_str().unwrap().ends_with("..."));
     }
 
     #[test]

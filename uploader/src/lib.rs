@@ -37,10 +37,10 @@
 //!   "error": ...}`.
 //!
 //! The pipeline reads the spool file as it grows (waiting for more bytes until the upload
-//! is complete), so it streams while bytes arrive and nothing is ever sent twice. Before
-//! the pipeline sees the end of an upload headed for DVCR (which stores images as they
-//! are), the complete spool file is decoded once without keeping the result, so a
-//! truncated or damaged image fails with 422 instead of being published.
+//! is complete), so it streams while bytes arrive and nothing is ever sent twice. On the
+//! way into DVCR (which stores images as they are) the pipeline also decodes images with
+//! tables without keeping the result, so a truncated or damaged image fails with 422
+//! instead of being published.
 //!
 //! # With curl
 //!

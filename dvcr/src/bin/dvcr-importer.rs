@@ -27,11 +27,26 @@ fn main() -> ExitCode {
     let (job, reporting) = match dvcr_importer::env::from_env(|k| std::env::var(k).ok()) {
         Ok(parsed) => parsed,
         Err(e) => {
+            // A misconfiguration (often the user's input: a checksum, an image reference)
+            // does not heal on retry: report it like any permanent error.
             tracing::error!(error = %e, "the job is misconfigured");
-            // Nothing to report to: the termination log path may be what is wrong. A
-            // misconfiguration does not heal on retry; still, exit non-zero so it shows.
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+            let log = std::env::var_os("IMPORTER_TERMINATION_LOG")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| "/dev/termination-log".into(), std::path::PathBuf::from);
+            let report = FinalReport {
+                error_message: Some(e.to_string()),
+                ..FinalReport::default()
+            };
+            return match report.write_to(&log) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(write) => {
+                    eprintln!(
+                        "error: {e}; the report could not be written to {}: {write}",
+                        log.display()
+                    );
+                    ExitCode::from(2)
+                }
+            };
         }
     };
     let progress = Arc::clone(&job.progress);
@@ -73,10 +88,9 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = report.write_to(&reporting.termination_log) {
+        // Without the report the outcome is lost: let the Job see a failure either way.
         tracing::error!(path = %reporting.termination_log.display(), error = %e, "cannot write the final report");
-        if result.is_ok() {
-            return ExitCode::FAILURE;
-        }
+        return ExitCode::FAILURE;
     }
     code
 }

@@ -76,7 +76,13 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Inside an async context a runtime must not block on its way out.
+                rt.shutdown_background();
+            } else {
+                // Let the last requests (an aborted upload's DELETE) finish, briefly.
+                rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            }
         }
     }
 }
