@@ -62,8 +62,9 @@ IMAGE=$WORK/upload-${SIZE_GIB}g.qcow2
 if [[ ! -f $IMAGE ]]; then
     log "generating $IMAGE ($SIZE_GIB GiB of AES-CTR noise as qcow2)"
     raw=$SCRATCH/noise.raw
-    openssl enc -aes-128-ctr -nosalt -pass pass:dvcr-upload-bench -in /dev/zero 2>/dev/null |
-        head -c $((SIZE_GIB * 1024 * 1024 * 1024)) >"$raw"
+    # (process substitution: openssl ending on SIGPIPE must not fail the pipeline)
+    head -c $((SIZE_GIB * 1024 * 1024 * 1024)) \
+        < <(openssl enc -aes-128-ctr -nosalt -pass pass:dvcr-upload-bench -in /dev/zero 2>/dev/null) >"$raw"
     qemu-img convert -f raw -O qcow2 "$raw" "$IMAGE.tmp"
     rm -f -- "$raw"
     mv -- "$IMAGE.tmp" "$IMAGE"
