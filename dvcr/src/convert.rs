@@ -253,30 +253,11 @@ fn decode_into(
     .map_err(|e| anyhow::Error::new(e).context(args.src.clone()))
 }
 
-/// Parses `1048576`, `512K`, `10G`, `1.5T`, `20GiB` (binary units).
+/// Parses `1048576`, `512K`, `10G`, `1.5T`, `20GiB` (binary units, as qemu-img reads them).
 fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        "p" | "pb" | "pib" => 50,
-        other => return Err(format!("unknown size unit {other:?} (use K, M, G, T or P)")),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (e.g. 10G or 1073741824)"))?;
-    let bytes = value * (1u64 << shift) as f64;
-    if !(0.0..=(1u64 << 56) as f64).contains(&bytes) {
-        return Err(format!("{text:?} is out of range"));
-    }
-    Ok(bytes as u64)
+    dvcr_importer::env::parse_size(text).ok_or_else(|| {
+        format!("{text:?} is not a size (e.g. 10G or 1073741824; units K, M, G, T, P are binary)")
+    })
 }
 
 #[cfg(test)]

@@ -715,27 +715,11 @@ fn every_format_and_wrapper_goes_into_dvcr_and_back_onto_a_disk_equal_to_the_sou
             s(&disk),
             "--insecure",
         ]);
-        let out = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&disk)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{what} via DVCR: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        qemu_compare(&raw, &disk);
         // Straight from HTTP onto a disk too.
         let direct = scratch.path(&format!("direct{i}.img"));
         import_ok(&["--from", &url, "--to", s(&direct)]);
-        let out = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&direct)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{what} to a disk: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        qemu_compare(&raw, &direct);
         std::fs::remove_file(&disk).unwrap();
         std::fs::remove_file(&direct).unwrap();
     }
