@@ -10,6 +10,7 @@ mod import;
 mod inspect;
 mod registry;
 mod ui;
+mod upload_url;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -69,6 +70,12 @@ enum Command {
     /// Keeps every manifest (tagged or not, unless --delete-untagged) with its config,
     /// layers, index children and referrers, and every blob younger than --grace.
     Gc(registry::gc::GcArgs),
+
+    /// Ask a running `dvcr serve --upload-key-file ...` for a signed, expiring upload URL.
+    ///
+    /// Prints `{"external": ..., "inCluster": ..., "token": ..., "expiresAt": ...}`; both URLs
+    /// take `curl -T image.qcow2 URL` (and `curl -C N -T` to resume).
+    UploadUrl(upload_url::Args),
 }
 
 /// How diagnostics are written to stderr.
@@ -104,5 +111,6 @@ fn main() -> ExitCode {
         Command::Import(args) => import::run(&args),
         Command::Serve(args) => registry::run(&args),
         Command::Gc(args) => registry::gc::run(&args),
+        Command::UploadUrl(args) => upload_url::run(&args),
     }
 }

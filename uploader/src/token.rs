@@ -184,6 +184,59 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
+/// Reads a signing key from a file (trailing whitespace, such as a final newline, ignored).
+pub fn load_key(path: &std::path::Path) -> Result<Signer, String> {
+    let mut bytes =
+        std::fs::read(path).map_err(|e| format!("reading the key file {}: {e}", path.display()))?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    Signer::new(&bytes).map_err(|e| e.to_string())
+}
+
+/// Parses `90`, `90s`, `10m`, `1h`, `1d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; write e.g. 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => return Err(format!("{text:?} has an unknown unit; use s, m, h or d")),
+    };
+    secs.map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Signs an upload URL for `destination` valid for `ttl`: the JSON answer of
+/// `dvcr-uploader url` and of `dvcr serve`'s `POST /upload-urls`
+/// (`{"external", "inCluster", "token", "expiresAt"}`; a URL is null without its base).
+pub fn mint(
+    signer: &Signer,
+    destination: &str,
+    ttl: std::time::Duration,
+    external_base: Option<&str>,
+    in_cluster_base: Option<&str>,
+) -> Result<serde_json::Value, TokenError> {
+    let expires = SystemTime::now() + ttl;
+    let token = signer.sign(destination, expires)?;
+    let at =
+        |base: Option<&str>| base.map(|b| format!("{}/upload/{token}", b.trim_end_matches('/')));
+    Ok(serde_json::json!({
+        "external": at(external_base),
+        "inCluster": at(in_cluster_base),
+        "token": token,
+        "expiresAt": rfc3339(unix(expires)),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

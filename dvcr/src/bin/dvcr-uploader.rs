@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -54,12 +54,7 @@ impl Key {
     fn signer(&self) -> anyhow::Result<Signer> {
         let key = match (&self.key_file, &self.key) {
             (Some(path), _) => {
-                let mut bytes = std::fs::read(path)
-                    .with_context(|| format!("reading the key file {}", path.display()))?;
-                while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                    bytes.pop();
-                }
-                bytes
+                return dvcr_uploader::token::load_key(path).map_err(anyhow::Error::msg);
             }
             (None, Some(key)) => key.trim().as_bytes().to_vec(),
             (None, None) => bail!("no signing key: give --key-file PATH or set UPLOADER_KEY"),
@@ -122,67 +117,24 @@ struct Url {
     in_cluster_base: Option<String>,
 }
 
-/// `90`, `90s`, `10m`, `1h`, `1d`.
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let t = text.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{text:?} is not a duration; write e.g. 90s, 10m or 1h"))?;
-    let secs = match unit {
-        "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3600),
-        "d" => n.checked_mul(86_400),
-        _ => bail!("{text:?} has an unknown unit; use s, m, h or d"),
-    };
-    secs.map(Duration::from_secs)
-        .with_context(|| format!("{text:?} is too long"))
+    dvcr_uploader::token::parse_duration(text).map_err(anyhow::Error::msg)
 }
 
-/// `1048576`, `512M`, `10G`, `1Gi`.
 fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, ""),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{text:?} is not a size; write e.g. 512M or 10G"))?;
-    let shift = match unit.trim_end_matches(['i', 'B']) {
-        "" => 0,
-        "K" | "k" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => bail!("{text:?} has an unknown unit; use K, M, G or T"),
-    };
-    n.checked_mul(1 << shift)
-        .with_context(|| format!("{text:?} is too large"))
+    dvcr_importer::env::parse_size(text)
+        .with_context(|| format!("{text:?} is not a size; write e.g. 512M or 10G (1024-based)"))
 }
 
 fn url(args: &Url) -> anyhow::Result<()> {
     let signer = args.key.signer()?;
-    let ttl = parse_duration(&args.ttl)?;
-    let expires = SystemTime::now() + ttl;
-    let token = signer.sign(&args.dest, expires)?;
-    let at = |base: &Option<String>| {
-        base.as_ref()
-            .map(|b| format!("{}/upload/{token}", b.trim_end_matches('/')))
-    };
-    let expires_at = expires
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let json = serde_json::json!({
-        "external": at(&args.external_base),
-        "inCluster": at(&args.in_cluster_base),
-        "token": token,
-        "expiresAt": dvcr_uploader::token::rfc3339(expires_at),
-    });
+    let json = dvcr_uploader::token::mint(
+        &signer,
+        &args.dest,
+        parse_duration(&args.ttl)?,
+        args.external_base.as_deref(),
+        args.in_cluster_base.as_deref(),
+    )?;
     println!("{json}");
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod names;
 pub mod storage;
 pub mod tls;
+pub mod uploads;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -104,6 +105,25 @@ pub struct ServeArgs {
     /// Online collection: also delete untagged manifests nothing reaches.
     #[arg(long, env = "DVCR_GC_DELETE_UNTAGGED")]
     gc_delete_untagged: bool,
+
+    /// The HMAC key (at least 16 bytes) that signs upload URLs for the `curl -T` endpoints
+    /// (`/upload/<token>`, `POST /upload-urls`); default: `<root>/upload.key`, created with
+    /// a random key. The endpoints are on unless --no-uploads, and off with --htpasswd or
+    /// --read-only (an explicit key file with those is an error).
+    #[arg(long, env = "DVCR_UPLOAD_KEY_FILE")]
+    upload_key_file: Option<PathBuf>,
+
+    /// Do not serve the upload endpoints.
+    #[arg(long, env = "DVCR_NO_UPLOADS", conflicts_with = "upload_key_file")]
+    no_uploads: bool,
+
+    /// Public base URL of minted upload URLs (default: the host the request came to).
+    #[arg(long, env = "DVCR_UPLOAD_EXTERNAL_BASE")]
+    upload_external_base: Option<String>,
+
+    /// In-cluster base URL of minted upload URLs (default: the public one).
+    #[arg(long, env = "DVCR_UPLOAD_IN_CLUSTER_BASE")]
+    upload_in_cluster_base: Option<String>,
 }
 
 /// Everything `serve` needs.
@@ -127,6 +147,8 @@ pub struct Config {
     pub upload_expiry: Duration,
     /// Online garbage collection: every this long, with these options.
     pub gc: Option<(Duration, gc::GcOptions)>,
+    /// Upload endpoints, when enabled.
+    pub uploads: Option<uploads::UploadSettings>,
 }
 
 /// Largest manifest accepted.
@@ -169,6 +191,11 @@ impl From<&ServeArgs> for Config {
                         upload_expiry: Duration::from_secs(a.upload_expiry_secs.max(60)),
                     },
                 )
+            }),
+            uploads: (!a.no_uploads).then(|| uploads::UploadSettings {
+                key_file: a.upload_key_file.clone(),
+                external_base: a.upload_external_base.clone(),
+                in_cluster_base: a.upload_in_cluster_base.clone(),
             }),
         }
     }
@@ -234,7 +261,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         limits: config.limits.clone(),
         metrics: Arc::clone(&metrics),
     });
-    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    let mut app = api::router(state);
+    let closed = config.auth.htpasswd.is_some() || config.read_only;
+    if let Some(settings) = &config.uploads
+        && closed
+        && settings.key_file.is_some()
+    {
+        anyhow::bail!(
+            "--upload-key-file cannot be combined with --htpasswd or --read-only: the upload \
+             endpoints push into this registry without credentials; run dvcr-uploader next to \
+             an authenticated DVCR instead"
+        );
+    }
+    if let Some(settings) = config.uploads.as_ref().filter(|_| !closed) {
+        let loopback = std::net::SocketAddr::new(
+            if addr.ip().is_unspecified() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                addr.ip()
+            },
+            addr.port(),
+        );
+        let state = uploads::Uploads::new(settings, loopback.to_string(), &config.root)
+            .context("setting up the upload endpoints")?;
+        app = app.merge(uploads::router(Arc::new(state)));
+    }
+    let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
 
     let collector = config.gc.clone().map(|(interval, options)| {
         tokio::spawn(gc::periodic(

@@ -1,0 +1,144 @@
+//! `dvcr serve --upload-key-file`: `curl -T` uploads straight into the registry, with URLs
+//! minted by `dvcr upload-url`, end to end with the real curl and `qemu-img compare`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{DVCR, Registry};
+use dvcr_tests::{Scratch, mixed_raw, qemu_img};
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn upload_url(registry: &Registry, dest: &str) -> Value {
+    let out = Command::new(DVCR)
+        .args([
+            "upload-url",
+            "--server",
+            &registry.url(""),
+            "--dest",
+            dest,
+            "--ttl",
+            "10m",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_served_upload_url_takes_curl_t_once_and_the_image_converts_back_equal() {
+    let scratch = Scratch::new();
+    // The embedded default serves uploads, with a key it makes under its root.
+    let registry = Registry::start();
+    assert!(registry.root.join("upload.key").is_file());
+    let raw = mixed_raw(&scratch, "source.raw", 32 << 20);
+    let qcow2 = scratch.path("image.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&qcow2)]);
+
+    let urls = upload_url(&registry, "vi/ns/upload:uid-1");
+    let url = urls["external"].as_str().unwrap().to_owned();
+    assert!(url.starts_with(&registry.url("/upload/")), "{urls}");
+    assert_eq!(urls["inCluster"], urls["external"]);
+
+    // Readiness, then a wrong and a tampered token are refused.
+    assert_eq!(curl(&[&registry.url("/upload")]).0, 200);
+    assert_eq!(
+        curl(&["-T", s(&qcow2), &registry.url("/upload/garbage")]).0,
+        401
+    );
+    let mut tampered = url.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(curl(&["-T", s(&qcow2), &tampered]).0, 403);
+
+    let (code, body) = curl(&["-T", s(&qcow2), &url]);
+    assert_eq!(code, 200, "{body}");
+    let (code, status) = curl(&[&format!("{url}/status")]);
+    assert_eq!(code, 200);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["phase"], "Ready", "{status}");
+    assert_eq!(status["format"], "qcow2");
+
+    // The image is in the registry: back onto a disk, equal to the source.
+    let disk = scratch.path("disk.img");
+    let out = Command::new(DVCR)
+        .args([
+            "import",
+            "--from",
+            &format!("docker://{}/vi/ns/upload:uid-1", registry.addr),
+            "--to",
+            s(&disk),
+            "--insecure",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&disk)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // The image is stored: the URL takes no second upload.
+    assert_eq!(curl(&["-T", s(&qcow2), &url]).0, 409);
+}
+
+#[test]
+fn an_explicit_upload_key_is_refused_next_to_authentication() {
+    let scratch = Scratch::new();
+    let key = scratch.path("upload.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let htpasswd = scratch.path("htpasswd");
+    std::fs::write(&htpasswd, "").unwrap();
+    let out = Command::new(DVCR)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--root",
+            s(&scratch.path("root")),
+            "--htpasswd",
+            s(&htpasswd),
+            "--upload-key-file",
+            s(&key),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--upload-key-file cannot be combined"),
+        "{err}"
+    );
+}
