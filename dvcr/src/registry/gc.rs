@@ -574,6 +574,9 @@ pub async fn collect(
     metrics: Option<&Metrics>,
 ) -> Result<GcReport, GcError> {
     let started = Instant::now();
+    if let Some(s3) = storage.s3() {
+        return collect_s3(s3, options, metrics, started).await;
+    }
     let coordinator = Arc::clone(storage.coordinator());
     let generation = coordinator.begin()?;
     let running = Running(&coordinator);
@@ -831,6 +834,10 @@ pub struct GcArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+
+    /// Collect in this S3 bucket instead of --root (live replicas may keep serving).
+    #[command(flatten)]
+    s3: super::s3::S3Args,
 }
 
 /// `dvcr gc`: one offline collection.
@@ -880,6 +887,24 @@ pub fn run(args: &GcArgs) -> ExitCode {
 }
 
 async fn run_offline(args: &GcArgs) -> anyhow::Result<GcReport> {
+    let options = GcOptions {
+        grace: args.grace,
+        dry_run: args.dry_run,
+        delete_untagged: args.delete_untagged,
+        upload_expiry: args.upload_expiry,
+    };
+    if let Some(s3) = args.s3.config() {
+        let scratch = std::env::temp_dir().join("dvcr-gc");
+        let storage = Storage::open_s3(
+            &scratch,
+            StorageOptions {
+                max_uploads: usize::MAX,
+            },
+            &s3,
+        )
+        .await?;
+        return Ok(collect(&storage, &options, None).await?);
+    }
     if !args.root.join("blobs").is_dir() {
         anyhow::bail!(
             "{} is not a registry storage (no blobs directory)",
@@ -894,13 +919,58 @@ async fn run_offline(args: &GcArgs) -> anyhow::Result<GcReport> {
         },
     )
     .await?;
-    let options = GcOptions {
-        grace: args.grace,
-        dry_run: args.dry_run,
-        delete_untagged: args.delete_untagged,
-        upload_expiry: args.upload_expiry,
-    };
     Ok(collect(&storage, &options, None).await?)
+}
+
+/// One collection on an S3 bucket (the protocol is in [`super::s3`]'s module doc).
+async fn collect_s3(
+    s3: &super::s3::S3Store,
+    options: &GcOptions,
+    metrics: Option<&Metrics>,
+    started: Instant,
+) -> Result<GcReport, GcError> {
+    if options.delete_untagged {
+        tracing::warn!(
+            "--delete-untagged is not supported on S3 storage yet: untagged manifests stay"
+        );
+    }
+    let sweep = s3
+        .collect(
+            options.grace,
+            options.dry_run,
+            options.upload_expiry,
+            WRITER_WAIT,
+        )
+        .await
+        .map_err(|e| match e {
+            super::storage::StorageError::Busy(m) if m.contains("already running") => {
+                GcError::AlreadyRunning
+            }
+            other => GcError::Io(io::Error::other(other)),
+        })?;
+    let report = GcReport {
+        dry_run: options.dry_run,
+        repositories: sweep.repositories,
+        manifests: sweep.manifests,
+        blobs_scanned: sweep.blobs_scanned,
+        blobs_referenced: sweep.blobs_referenced,
+        blobs_in_grace: sweep.blobs_in_grace,
+        blobs_deleted: sweep.blobs_deleted,
+        bytes_freed: sweep.bytes_freed,
+        bytes_kept: sweep.bytes_kept,
+        uploads_expired: sweep.uploads_expired,
+        seconds: started.elapsed().as_secs_f64(),
+        ..GcReport::default()
+    };
+    if let Some(m) = metrics
+        && !options.dry_run
+    {
+        m.set_storage(
+            (sweep.blobs_referenced + sweep.blobs_in_grace) as u64,
+            sweep.bytes_kept,
+        );
+    }
+    Ok(report)
 }
 
 /// The online collector of `dvcr serve --gc-interval`: one collection per `interval`.

@@ -16,6 +16,7 @@ pub mod error;
 pub mod gc;
 pub mod metrics;
 pub mod names;
+pub mod s3;
 pub mod storage;
 pub mod tls;
 pub mod uploads;
@@ -124,6 +125,10 @@ pub struct ServeArgs {
     /// In-cluster base URL of minted upload URLs (default: the public one).
     #[arg(long, env = "DVCR_UPLOAD_IN_CLUSTER_BASE")]
     upload_in_cluster_base: Option<String>,
+
+    /// S3-compatible object storage instead of --root.
+    #[command(flatten)]
+    s3: s3::S3Args,
 }
 
 /// Everything `serve` needs.
@@ -133,6 +138,8 @@ pub struct Config {
     pub listen: String,
     /// Storage root.
     pub root: PathBuf,
+    /// The bucket, when the registry lives in S3 (`root` is then local scratch only).
+    pub s3: Option<s3::S3Config>,
     /// Authentication.
     pub auth: AuthConfig,
     /// TLS certificate chain and key.
@@ -165,6 +172,7 @@ impl From<&ServeArgs> for Config {
         Config {
             listen: a.listen.clone(),
             root: a.root.clone(),
+            s3: a.s3.config(),
             auth: AuthConfig {
                 htpasswd: a.htpasswd.clone(),
                 policy: a.auth_policy.clone(),
@@ -233,21 +241,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let storage = Storage::open(
-        &config.root,
-        StorageOptions {
-            max_uploads: config.max_uploads,
-        },
-    )
-    .await
-    .with_context(|| format!("opening the storage at {}", config.root.display()))?;
-    let _root_lock = gc::RootLock::shared(&config.root)?;
+    let options = StorageOptions {
+        max_uploads: config.max_uploads,
+    };
     let metrics = Arc::new(metrics::Metrics::new());
-    let root = config.root.clone();
-    let (blobs, bytes) = tokio::task::spawn_blocking(move || gc::usage(&root))
-        .await?
-        .context("measuring the storage")?;
-    metrics.set_storage(blobs, bytes);
+    let (storage, _root_lock) = match &config.s3 {
+        Some(s3) => {
+            let storage = Storage::open_s3(&config.root, options, s3)
+                .await
+                .with_context(|| format!("opening the storage in bucket {}", s3.bucket))?;
+            (storage, None)
+        }
+        None => {
+            let storage = Storage::open(&config.root, options)
+                .await
+                .with_context(|| format!("opening the storage at {}", config.root.display()))?;
+            let lock = gc::RootLock::shared(&config.root)?;
+            let root = config.root.clone();
+            let (blobs, bytes) = tokio::task::spawn_blocking(move || gc::usage(&root))
+                .await?
+                .context("measuring the storage")?;
+            metrics.set_storage(blobs, bytes);
+            (storage, Some(lock))
+        }
+    };
     storage.set_metrics(Arc::clone(&metrics));
     let listener = TcpListener::bind(&config.listen)
         .await

@@ -59,6 +59,7 @@ use uuid::Uuid;
 use super::gc::{Coordinator, WriteTicket};
 use super::metrics::Metrics;
 use super::names::{Algorithm, Digest};
+use super::s3::{self, S3Config, S3Session, S3Store};
 
 /// Size of the read and write buffers of blob I/O.
 const IO_BUFFER: usize = 1 << 20;
@@ -91,6 +92,9 @@ pub enum StorageError {
     /// A filesystem failure.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// Another process holds what the operation needs (a garbage collection on the bucket).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Shorthand for storage results.
@@ -116,6 +120,9 @@ struct Inner {
     sessions: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Session>>>>,
     coordinator: Arc<Coordinator>,
     metrics: OnceLock<Arc<Metrics>>,
+    /// Set when the registry lives in an S3 bucket: every operation goes there, and the
+    /// session map only serializes the requests of one session on this replica.
+    s3: Option<S3Store>,
 }
 
 /// An upload session. Lock it (through [`Storage::session`]) for the whole of a request.
@@ -134,6 +141,8 @@ pub struct Session {
     closed: bool,
     /// When the session was started (for the upload duration metric).
     started: SystemTime,
+    /// With S3: the session as loaded from the bucket when the request locked it.
+    s3: Option<S3Session>,
 }
 
 impl Session {
@@ -148,6 +157,7 @@ impl Session {
         Checkpoint {
             offset: self.offset,
             sha256: self.sha256.clone(),
+            s3: self.s3.clone(),
         }
     }
 }
@@ -157,6 +167,7 @@ impl Session {
 pub struct Checkpoint {
     offset: u64,
     sha256: Option<Sha256>,
+    s3: Option<S3Session>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -193,6 +204,15 @@ pub enum Commit {
     Mismatch(Digest),
 }
 
+/// A blob opened for reading.
+#[derive(Debug)]
+pub enum Blob {
+    /// A file of the filesystem storage.
+    File(tokio::fs::File),
+    /// An object in the bucket.
+    S3(s3::S3Blob),
+}
+
 /// Streams request bytes into a session's data file on a blocking thread, hashing them on the
 /// way. Created by [`Storage::writer`]; call [`UploadWriter::finish`] even after an error.
 #[derive(Debug)]
@@ -200,7 +220,13 @@ pub struct UploadWriter {
     tx: Option<mpsc::Sender<Bytes>>,
     /// Small frames gathered until [`COALESCE`] bytes.
     gathered: bytes::BytesMut,
-    handle: tokio::task::JoinHandle<WriteOutcome>,
+    handle: WriterTask,
+}
+
+#[derive(Debug)]
+enum WriterTask {
+    File(tokio::task::JoinHandle<WriteOutcome>),
+    S3(tokio::task::JoinHandle<s3::WriteOutcome>),
 }
 
 #[derive(Debug)]
@@ -240,7 +266,19 @@ impl UploadWriter {
             let _ = self.send(rest).await;
         }
         self.tx = None;
-        let outcome = self.handle.await.map_err(io::Error::other)?;
+        let handle = match self.handle {
+            WriterTask::File(handle) => handle,
+            WriterTask::S3(handle) => {
+                let outcome = handle.await.map_err(io::Error::other)?;
+                session.offset = outcome.session.offset();
+                session.s3 = Some(outcome.session);
+                return match outcome.error {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+            }
+        };
+        let outcome = handle.await.map_err(io::Error::other)?;
         session.sha256 = outcome.sha256;
         if let Some(offset) = outcome.offset {
             session.offset = offset;
@@ -312,11 +350,43 @@ impl Storage {
                 sessions: Mutex::new(HashMap::new()),
                 coordinator: Arc::default(),
                 metrics: OnceLock::new(),
+                s3: None,
             }),
         };
         let s = storage.clone();
         blocking(move || s.open_sync()).await?;
         Ok(storage)
+    }
+
+    /// Opens the storage in an S3 bucket (see [`super::s3`]); `root` holds nothing then.
+    pub async fn open_s3(root: &Path, options: StorageOptions, config: &S3Config) -> Result<Self> {
+        let store = S3Store::connect(config)?;
+        store.check().await?;
+        fs::create_dir_all(root)?;
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                options,
+                sessions: Mutex::new(HashMap::new()),
+                coordinator: Arc::default(),
+                metrics: OnceLock::new(),
+                s3: Some(store),
+            }),
+        })
+    }
+
+    /// The bucket, when the registry lives in one.
+    pub fn s3(&self) -> Option<&S3Store> {
+        self.inner.s3.as_ref()
+    }
+
+    /// Pins what a manifest push relies on against a collection on the bucket (a no-op on
+    /// the filesystem, where [`Storage::write_ticket`] does that job).
+    pub async fn pin(&self) -> Result<Option<s3::Pin>> {
+        match self.s3() {
+            Some(s3) => Ok(Some(s3.pin().await?)),
+            None => Ok(None),
+        }
     }
 
     fn open_sync(&self) -> Result<()> {
@@ -351,6 +421,7 @@ impl Storage {
                         sha256: None,
                         closed: false,
                         started: UNIX_EPOCH + Duration::from_secs(state.started),
+                        s3: None,
                     };
                     self.inner.coordinator.upload_opened(&session.repository);
                     sessions.insert(id, Arc::new(tokio::sync::Mutex::new(session)));
@@ -494,12 +565,24 @@ impl Storage {
 
     /// The size of a blob the repository may serve; BlobUnknown otherwise.
     pub async fn blob_size(&self, repository: &str, digest: &Digest) -> Result<u64> {
+        if let Some(s3) = self.s3() {
+            return s3.blob_size(repository, digest).await;
+        }
         let (s, r, d) = (self.clone(), repository.to_owned(), digest.clone());
         blocking(move || s.blob_size_sync(&r, &d)).await
     }
 
     /// Opens a blob the repository may serve, with its size.
-    pub async fn open_blob(
+    pub async fn open_blob(&self, repository: &str, digest: &Digest) -> Result<(Blob, u64)> {
+        if let Some(s3) = self.s3() {
+            let (blob, size) = s3.open_blob(repository, digest).await?;
+            return Ok((Blob::S3(blob), size));
+        }
+        let (file, size) = self.open_blob_file(repository, digest).await?;
+        Ok((Blob::File(file), size))
+    }
+
+    async fn open_blob_file(
         &self,
         repository: &str,
         digest: &Digest,
@@ -520,6 +603,9 @@ impl Storage {
 
     /// Unlinks a blob from a repository (the bytes stay until garbage collection).
     pub async fn delete_blob(&self, repository: &str, digest: &Digest) -> Result<()> {
+        if let Some(s3) = self.s3() {
+            return s3.delete_blob(repository, digest).await;
+        }
         let (s, r, d) = (self.clone(), repository.to_owned(), digest.clone());
         blocking(move || match fs::remove_file(s.layer_link(&r, &d)) {
             Ok(()) => Ok(()),
@@ -531,6 +617,9 @@ impl Storage {
 
     /// Links a blob that `from` may serve into `to`; false when `from` cannot serve it.
     pub async fn mount_blob(&self, from: &str, to: &str, digest: &Digest) -> Result<bool> {
+        if let Some(s3) = self.s3() {
+            return s3.mount_blob(from, to, digest).await;
+        }
         let (s, f, t, d) = (self.clone(), from.to_owned(), to.to_owned(), digest.clone());
         let ticket = self.write_ticket();
         blocking(move || match s.blob_size_sync(&f, &d) {
@@ -555,6 +644,10 @@ impl Storage {
 
     /// Opens a new upload session for a repository.
     pub async fn start_upload(&self, repository: &str) -> Result<Uuid> {
+        if let Some(s3) = self.s3() {
+            let (id, _) = s3.start_upload(repository).await?;
+            return Ok(id);
+        }
         let id = Uuid::new_v4();
         let session = Arc::new(tokio::sync::Mutex::new(Session {
             id,
@@ -563,6 +656,7 @@ impl Storage {
             sha256: Some(Sha256::new()),
             closed: false,
             started: SystemTime::now(),
+            s3: None,
         }));
         {
             let mut sessions = self.sessions();
@@ -603,6 +697,56 @@ impl Storage {
         self.sessions().get(&uuid).cloned().ok_or_else(unknown)
     }
 
+    /// The session `id` of `repository`, locked for the whole of a request. With S3 the
+    /// session is (re)loaded from the bucket after locking: another replica may have
+    /// advanced it.
+    pub async fn lock_session(
+        &self,
+        id: &str,
+        repository: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Session>> {
+        let Some(s3) = self.s3() else {
+            let guard = self.session(id)?.lock_owned().await;
+            Self::check_session(&guard, repository)?;
+            return Ok(guard);
+        };
+        let unknown = || StorageError::UploadUnknown(id.chars().take(64).collect());
+        let uuid = Uuid::parse_str(id).map_err(|_| unknown())?;
+        let slot = self
+            .sessions()
+            .entry(uuid)
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Session {
+                    id: uuid,
+                    repository: String::new(),
+                    offset: 0,
+                    sha256: None,
+                    closed: false,
+                    started: SystemTime::now(),
+                    s3: None,
+                }))
+            })
+            .clone();
+        let mut guard = slot.lock_owned().await;
+        let loaded = s3.load_session(uuid).await;
+        let loaded = match loaded {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                guard.closed = true;
+                self.sessions().remove(&uuid);
+                return Err(unknown());
+            }
+            Err(e) => return Err(e),
+        };
+        guard.repository = loaded.repository().to_owned();
+        guard.offset = loaded.offset();
+        guard.started = loaded.started();
+        guard.closed = false;
+        guard.s3 = Some(loaded);
+        Self::check_session(&guard, repository)?;
+        Ok(guard)
+    }
+
     /// After locking: Err(UploadUnknown) when the session is finished or belongs to another
     /// repository.
     pub fn check_session(session: &Session, repository: &str) -> Result<()> {
@@ -614,6 +758,14 @@ impl Storage {
 
     /// Starts writing at the session's offset; feed it with [`UploadWriter::write`].
     pub fn writer(&self, session: &mut Session) -> UploadWriter {
+        if let (Some(s3), Some(state)) = (self.s3(), session.s3.clone()) {
+            let (tx, handle) = s3.writer(session.id, state);
+            return UploadWriter {
+                tx: Some(tx),
+                gathered: bytes::BytesMut::new(),
+                handle: WriterTask::S3(handle),
+            };
+        }
         let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let path = self.upload_dir(session.id).join("data");
         let start = session.offset;
@@ -670,12 +822,20 @@ impl Storage {
         UploadWriter {
             tx: Some(tx),
             gathered: bytes::BytesMut::new(),
-            handle,
+            handle: WriterTask::File(handle),
         }
     }
 
     /// Goes back to a checkpoint: truncates the data and restores the hash state.
     pub async fn rollback(&self, session: &mut Session, checkpoint: Checkpoint) -> Result<()> {
+        if let (Some(s3), Some(current), Some(old)) =
+            (self.s3(), session.s3.as_ref(), checkpoint.s3)
+        {
+            let restored = s3.rollback(session.id, current, old).await?;
+            session.offset = restored.offset();
+            session.s3 = Some(restored);
+            return Ok(());
+        }
         let path = self.upload_dir(session.id).join("data");
         let offset = checkpoint.offset;
         blocking(move || {
@@ -693,6 +853,17 @@ impl Storage {
     /// Verifies the received bytes against `digest` and, if they match, moves them into place
     /// and links the blob into the session's repository. The session is closed either way.
     pub async fn commit(&self, session: &mut Session, digest: &Digest) -> Result<Commit> {
+        if let (Some(s3), Some(state)) = (self.s3(), session.s3.as_ref()) {
+            let result = s3.commit(session.id, state, digest).await;
+            if result.is_ok() {
+                self.close(session);
+            }
+            if let (Ok(Commit::Done(size)), Some(m)) = (&result, self.metrics()) {
+                m.blob_stored(*size);
+                m.upload_finished(session.started.elapsed().unwrap_or_default());
+            }
+            return result;
+        }
         let (s, d) = (self.clone(), digest.clone());
         let id = session.id;
         let repository = session.repository.clone();
@@ -762,6 +933,11 @@ impl Storage {
 
     /// Cancels a session and deletes its data.
     pub async fn cancel(&self, session: &mut Session) -> Result<()> {
+        if let (Some(s3), Some(state)) = (self.s3(), session.s3.as_ref()) {
+            s3.cancel(session.id, state).await?;
+            self.close(session);
+            return Ok(());
+        }
         let dir = self.upload_dir(session.id);
         self.close(session);
         match tokio::fs::remove_dir_all(&dir).await {
@@ -772,7 +948,7 @@ impl Storage {
     }
 
     fn close(&self, session: &mut Session) {
-        if !session.closed {
+        if !session.closed && self.inner.s3.is_none() {
             self.inner.coordinator.upload_closed(&session.repository);
         }
         session.closed = true;
@@ -781,6 +957,12 @@ impl Storage {
 
     /// Removes sessions whose data was not touched for `max_idle`; returns how many.
     pub async fn expire_uploads(&self, max_idle: Duration) -> usize {
+        if let Some(s3) = self.s3() {
+            // Forget the local locks of sessions nobody uses here right now.
+            self.sessions()
+                .retain(|_, session| Arc::strong_count(session) > 1 || session.try_lock().is_err());
+            return s3.expire_uploads(max_idle).await;
+        }
         let candidates: Vec<_> = self.sessions().values().cloned().collect();
         let mut removed = 0;
         for session in candidates {
@@ -811,6 +993,9 @@ impl Storage {
 
     /// Whether the repository has this manifest.
     pub async fn has_manifest(&self, repository: &str, digest: &Digest) -> Result<bool> {
+        if let Some(s3) = self.s3() {
+            return s3.has_manifest(repository, digest).await;
+        }
         let (s, r, d) = (self.clone(), repository.to_owned(), digest.clone());
         blocking(move || {
             // The caller (an index push) relies on it: a collection must keep it.
@@ -831,6 +1016,9 @@ impl Storage {
         tag: Option<&str>,
         subject: Option<(&Digest, serde_json::Value)>,
     ) -> Result<()> {
+        if let Some(s3) = self.s3() {
+            return s3.put_manifest(repository, manifest, tag, subject).await;
+        }
         let s = self.clone();
         let repo = repository.to_owned();
         let m = manifest.clone();
@@ -902,6 +1090,9 @@ impl Storage {
         repository: &str,
         reference: &super::names::Reference,
     ) -> Result<Manifest> {
+        if let Some(s3) = self.s3() {
+            return s3.get_manifest(repository, reference).await;
+        }
         let (s, r, reference) = (self.clone(), repository.to_owned(), reference.clone());
         blocking(move || {
             let digest = match &reference {
@@ -927,6 +1118,9 @@ impl Storage {
 
     /// Removes a tag (the manifest stays).
     pub async fn delete_tag(&self, repository: &str, tag: &str) -> Result<()> {
+        if let Some(s3) = self.s3() {
+            return s3.delete_tag(repository, tag).await;
+        }
         let path = self.tags_dir(repository).join(tag);
         match tokio::fs::remove_file(path).await {
             Ok(()) => Ok(()),
@@ -938,6 +1132,9 @@ impl Storage {
     /// Removes a manifest from the repository, with the tags pointing at it and its referrer
     /// entry.
     pub async fn delete_manifest(&self, repository: &str, digest: &Digest) -> Result<()> {
+        if let Some(s3) = self.s3() {
+            return s3.delete_manifest(repository, digest).await;
+        }
         let (s, r, d) = (self.clone(), repository.to_owned(), digest.clone());
         blocking(move || {
             let revision = s.read_revision(&r, &d)?;
@@ -991,12 +1188,18 @@ impl Storage {
 
     /// The repository's tags, sorted; NameUnknown when the repository does not exist.
     pub async fn tags(&self, repository: &str) -> Result<Vec<String>> {
+        if let Some(s3) = self.s3() {
+            return s3.tags(repository).await;
+        }
         let (s, r) = (self.clone(), repository.to_owned());
         blocking(move || s.tags_sync(&r)).await
     }
 
     /// Every repository name, sorted.
     pub async fn catalog(&self) -> Result<Vec<String>> {
+        if let Some(s3) = self.s3() {
+            return s3.catalog().await;
+        }
         let s = self.clone();
         blocking(move || {
             let mut out = Vec::new();
@@ -1044,6 +1247,9 @@ impl Storage {
         repository: &str,
         subject: &Digest,
     ) -> Result<Vec<serde_json::Value>> {
+        if let Some(s3) = self.s3() {
+            return s3.referrers(repository, subject).await;
+        }
         let (s, r, d) = (self.clone(), repository.to_owned(), subject.clone());
         blocking(move || {
             let mut out = Vec::new();

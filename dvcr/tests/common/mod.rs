@@ -43,6 +43,11 @@ pub struct Registry {
     /// The storage root (`--root`).
     pub root: PathBuf,
     log: PathBuf,
+    /// Arguments and environment every start of this registry gets (the bucket with S3).
+    storage_args: Vec<String>,
+    storage_env: Vec<(String, String)>,
+    /// The S3 server behind the registry, when it runs on one.
+    pub s3: Option<std::sync::Arc<S3Server>>,
     _dir: tempfile::TempDir,
 }
 
@@ -52,8 +57,30 @@ impl Registry {
         Self::start_with(&[])
     }
 
-    /// Starts a registry with extra `dvcr serve` arguments.
+    /// Starts a registry with extra `dvcr serve` arguments. With `DVCR_TEST_S3=1` in the
+    /// environment, the registry keeps its data in a bucket of a fresh `s3s-fs` server
+    /// instead of under its root (CI runs the conformance and client suites both ways).
     pub fn start_with(extra: &[&str]) -> Self {
+        if std::env::var("DVCR_TEST_S3").is_ok_and(|v| v == "1") {
+            let server = std::sync::Arc::new(S3Server::start());
+            server.create_bucket("dvcr");
+            return Self::start_on_s3(&server, "dvcr", extra);
+        }
+        Self::start_inner(extra, Vec::new(), Vec::new(), None)
+    }
+
+    /// Starts a registry on `bucket` of `server` (several may share one bucket).
+    pub fn start_on_s3(server: &std::sync::Arc<S3Server>, bucket: &str, extra: &[&str]) -> Self {
+        let (args, env) = server.serve_settings(bucket);
+        Self::start_inner(extra, args, env, Some(std::sync::Arc::clone(server)))
+    }
+
+    fn start_inner(
+        extra: &[&str],
+        storage_args: Vec<String>,
+        storage_env: Vec<(String, String)>,
+        s3: Option<std::sync::Arc<S3Server>>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("dvcr-registry-test-")
             .tempdir()
@@ -66,6 +93,7 @@ impl Registry {
             .arg("127.0.0.1:0")
             .arg("--root")
             .arg(&root)
+            .args(&storage_args)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -78,6 +106,7 @@ impl Registry {
             }
         }
         cmd.env("DVCR_LOG", "info");
+        cmd.envs(storage_env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().expect("starting dvcr serve");
         let stdout = child.stdout.take().expect("server stdout");
         let (tx, rx) = mpsc::channel();
@@ -114,6 +143,9 @@ impl Registry {
             addr,
             root,
             log,
+            storage_args,
+            storage_env,
+            s3,
             _dir: dir,
         }
     }
@@ -222,6 +254,12 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what the server said (the temp dir goes away with it).
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail = &log[log.len().saturating_sub(4096)..];
+            eprintln!("--- dvcr serve log (last 4 KiB) ---\n{tail}");
+        }
     }
 }
 
@@ -587,6 +625,7 @@ impl Registry {
             .arg("127.0.0.1:0")
             .arg("--root")
             .arg(&self.root)
+            .args(&self.storage_args)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -602,6 +641,7 @@ impl Registry {
             }
         }
         cmd.env("DVCR_LOG", "info");
+        cmd.envs(self.storage_env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().expect("restarting dvcr serve");
         let stdout = child.stdout.take().expect("server stdout");
         let (tx, rx) = mpsc::channel();
@@ -667,5 +707,129 @@ impl Registry {
             self.pull_blob_verified(repo, &b);
         }
         r.body
+    }
+}
+
+// ---- A real S3-compatible server for the object storage backend. ----
+
+/// A running `s3s-fs` (an S3 server on a directory that checks SigV4 signatures) on a free
+/// loopback port; killed when dropped.
+#[derive(Debug)]
+pub struct S3Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The directory it serves (a bucket is a directory in it).
+    pub dir: tempfile::TempDir,
+}
+
+/// The credentials the test server accepts.
+pub const S3_ACCESS_KEY: &str = "dvcr-test-access";
+pub const S3_SECRET_KEY: &str = "dvcr-test-secret-key-0123456789";
+
+impl S3Server {
+    /// Starts `s3s-fs` (installed by `.ci/install-tools`).
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("dvcr-s3-test-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("creating the S3 data dir");
+        let bin = std::env::var("S3S_FS").unwrap_or_else(|_| "s3s-fs".to_owned());
+        let mut child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(&data)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin}: {e} (cargo install --locked s3s-fs --version 0.14.1 --features binary)")
+            });
+        let stdout = child.stdout.take().expect("s3s-fs stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(at) = line.find("http://") {
+                    let url: String = line[at..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    let _ = tx.send(url);
+                    sent = true;
+                }
+            }
+        });
+        let endpoint = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("s3s-fs printed no `server is running at` line")
+            });
+        Self {
+            child,
+            endpoint,
+            dir,
+        }
+    }
+
+    /// Creates a bucket (a directory of the served root).
+    pub fn create_bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.dir.path().join("data").join(name))
+            .expect("creating the bucket");
+    }
+
+    /// The `dvcr serve` arguments and environment that put a registry on `bucket`.
+    pub fn serve_settings(&self, bucket: &str) -> (Vec<String>, Vec<(String, String)>) {
+        (
+            vec![
+                "--s3-bucket".to_owned(),
+                bucket.to_owned(),
+                "--s3-endpoint".to_owned(),
+                self.endpoint.clone(),
+            ],
+            vec![
+                ("AWS_ACCESS_KEY_ID".to_owned(), S3_ACCESS_KEY.to_owned()),
+                ("AWS_SECRET_ACCESS_KEY".to_owned(), S3_SECRET_KEY.to_owned()),
+            ],
+        )
+    }
+
+    /// Every object key of a bucket (relative paths of files, without s3s-fs' own metadata).
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let root = self.dir.path().join("data").join(bucket);
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&root) {
+                    let rel = rel.to_string_lossy().into_owned();
+                    if !rel.starts_with(".") && !rel.contains("/.") {
+                        out.push(rel);
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -8,6 +8,7 @@ use tokio_util::io::ReaderStream;
 use super::{ApiResult, CONTENT_DIGEST, Shared, respond};
 use crate::registry::error::{ApiError, Code};
 use crate::registry::names::Digest;
+use crate::registry::storage::Blob;
 
 /// Read size of blob streaming.
 const READ_BUFFER: usize = 1 << 20;
@@ -123,10 +124,24 @@ pub async fn get(
             );
         }
     };
-    hdrs.push((header::CONTENT_LENGTH, len.to_string()));
     let body = match file {
         None => Body::empty(),
-        Some(mut file) => {
+        Some(Blob::S3(blob)) => {
+            if let Some(url) = blob.redirect().await? {
+                // The client fetches the bytes (and its range) from the bucket itself.
+                return Ok(respond(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    &[
+                        (header::LOCATION, url),
+                        (CONTENT_DIGEST, digest.to_string()),
+                        (header::CONTENT_LENGTH, "0".to_owned()),
+                    ],
+                    Body::empty(),
+                ));
+            }
+            Body::from_stream(blob.stream(start, len).await?)
+        }
+        Some(Blob::File(mut file)) => {
             if start > 0 {
                 file.seek(std::io::SeekFrom::Start(start))
                     .await
@@ -136,6 +151,7 @@ pub async fn get(
             Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_BUFFER))
         }
     };
+    hdrs.push((header::CONTENT_LENGTH, len.to_string()));
     Ok(respond(status, &hdrs, body))
 }
 

@@ -205,6 +205,8 @@ async fn route_request(state: &Shared, req: Request) -> ApiResult {
                 // From the blob checks to the revision write: a garbage collection waits for
                 // this push to finish before it marks (see `gc`).
                 let _ticket = state.storage.write_ticket();
+                // With several replicas on a bucket: the same, through a pin object.
+                let _pin = state.storage.pin().await?;
                 manifests::put(state, name, reference, req).await
             }
             Method::DELETE => manifests::delete(state, name, reference).await,

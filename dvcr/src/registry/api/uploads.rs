@@ -245,8 +245,7 @@ pub async fn start(
         None => None,
     };
     let id = state.storage.start_upload(name).await?;
-    let session = state.storage.session(&id.to_string())?;
-    let mut session = session.lock().await;
+    let mut session = state.storage.lock_session(&id.to_string(), name).await?;
     match digest {
         Some(digest) => {
             let result = finish(state, name, &mut session, &digest, req).await;
@@ -268,10 +267,7 @@ async fn lock(
     name: &str,
     id: &str,
 ) -> Result<tokio::sync::OwnedMutexGuard<Session>, ApiError> {
-    let session = state.storage.session(id)?;
-    let guard = session.lock_owned().await;
-    Storage::check_session(&guard, name)?;
-    Ok(guard)
+    Ok(state.storage.lock_session(id, name).await?)
 }
 
 /// `GET /v2/<name>/blobs/uploads/<id>`: 204 with the `Range` received.
