@@ -39,8 +39,8 @@
 //! loser gets an error and nothing of its chunk counts).
 //!
 //! Parts: 8 MiB for the first 1000 parts, 128 MiB after (S3 allows 10 000 parts of at least
-//! 5 MiB but the last): blobs up to 1.13 TiB, with at most two parts in memory per upload
-//! (one filling, one sending; 256 MiB only for blobs past 7.8 GiB). Bytes of a chunk that do
+//! 5 MiB but the last): blobs up to 1.13 TiB. An upload holds one part filling and at most
+//! two small parts or one large part sending: 24 MiB, or 256 MiB for a blob past 7.8 GiB. Bytes of a chunk that do
 //! not fill a part are kept in a tail object and prepended to the next chunk, so clients may
 //! send chunks of any size.
 //!
@@ -84,7 +84,7 @@ const SMALL_PARTS: usize = 1000;
 const LARGE_PART: usize = 128 << 20;
 /// S3's limit on parts per upload.
 const MAX_PARTS: usize = 10_000;
-/// Parts sent at once by one upload.
+/// Small parts sent at once by one upload (large ones go one at a time).
 const PARTS_IN_FLIGHT: usize = 2;
 /// Largest manifest or small JSON object read whole.
 const MAX_SMALL_OBJECT: u64 = 16 << 20;
@@ -94,6 +94,9 @@ pub const PIN_TTL: Duration = Duration::from_secs(600);
 pub const LOCK_TTL: Duration = Duration::from_secs(6 * 3600);
 /// How long a write waits for a running collection before it answers an error.
 const PIN_WAIT: Duration = Duration::from_secs(120);
+/// A request that streams for longer re-saves its session this often, so that no replica's
+/// expiry takes it for idle.
+const HEARTBEAT: Duration = Duration::from_secs(300);
 
 /// Where the registry's bucket is.
 #[derive(Debug, Clone, clap::Args)]
@@ -687,13 +690,21 @@ impl S3Store {
                     session: working,
                     error: None,
                 },
-                Err(e) => WriteOutcome {
-                    session,
-                    error: Some(match e {
-                        StorageError::Io(e) => e,
-                        other => std::io::Error::other(other.to_string()),
-                    }),
-                },
+                Err(e) => {
+                    // What the bucket holds now is what counts (the request may have saved the
+                    // session on the way).
+                    let session = match store.load_session(id).await {
+                        Ok(Some(saved)) => saved,
+                        _ => session,
+                    };
+                    WriteOutcome {
+                        session,
+                        error: Some(match e {
+                            StorageError::Io(e) => e,
+                            other => std::io::Error::other(other.to_string()),
+                        }),
+                    }
+                }
             }
         });
         (tx, handle)
@@ -727,6 +738,7 @@ impl S3Store {
             tokio::task::JoinHandle<object_store::Result<PartId>>,
         > = std::collections::VecDeque::new();
         let mut parts = session.state.parts.clone();
+        let mut last_saved = tokio::time::Instant::now();
 
         let result: Result<()> = async {
             while let Some(chunk) = rx.recv().await {
@@ -757,11 +769,23 @@ impl S3Store {
                                 .map_err(|e| s3_error("starting a multipart upload", e))?;
                             created_multipart = true;
                             session.state.multipart = Some(mp.clone());
+                            // Recorded at once, so that an expiry can abort it even if this
+                            // replica dies mid-request.
+                            self.save_session(id, session).await?;
+                            created_multipart = false;
+                            last_saved = tokio::time::Instant::now();
                             mp
                         }
                     };
-                    while in_flight.len() >= PARTS_IN_FLIGHT {
+                    let limit = if size > SMALL_PART { 1 } else { PARTS_IN_FLIGHT };
+                    while in_flight.len() >= limit {
                         parts.push(join_part(in_flight.pop_front()).await?);
+                    }
+                    // A long request shows other replicas' expiry that the session lives
+                    // (the saved state is still the one the request started from).
+                    if last_saved.elapsed() > HEARTBEAT {
+                        self.save_session(id, session).await?;
+                        last_saved = tokio::time::Instant::now();
                     }
                     let (store, key) = (Arc::clone(&self.store), data_key.clone());
                     in_flight.push_back(tokio::spawn(async move {
@@ -803,6 +827,8 @@ impl S3Store {
                 for handle in in_flight {
                     handle.abort();
                 }
+                // A multipart upload that made it into the saved state stays for the next
+                // request (or the expiry); one that did not is aborted now.
                 if created_multipart && let Some(mp) = &session.state.multipart {
                     let _ = self.store.abort_multipart(&data_key, mp).await;
                 }
