@@ -777,7 +777,11 @@ impl S3Store {
                             mp
                         }
                     };
-                    let limit = if size > SMALL_PART { 1 } else { PARTS_IN_FLIGHT };
+                    let limit = if size > SMALL_PART {
+                        1
+                    } else {
+                        PARTS_IN_FLIGHT
+                    };
                     while in_flight.len() >= limit {
                         parts.push(join_part(in_flight.pop_front()).await?);
                     }
