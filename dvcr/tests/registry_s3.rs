@@ -285,6 +285,21 @@ fn garbage_collection_on_the_bucket_frees_only_unreferenced_blobs_and_waits_for_
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A lock nobody refreshed for longer than its lifetime (its collector was killed) is
+    // taken over, and the collection runs.
+    let stale = Command::new("touch")
+        .args(["-d", "5 minutes ago"])
+        .arg(bucket.join("gc/lock"))
+        .status()
+        .unwrap();
+    assert!(stale.success());
+    let out = gc(&server, &["--grace", "0s"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!bucket.join("gc/lock").exists());
 }
 
 #[test]

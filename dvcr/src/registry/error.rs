@@ -189,6 +189,10 @@ impl From<crate::registry::storage::StorageError> for ApiError {
                 format!("{n} uploads are already open: finish or cancel some, or retry later"),
             ),
             E::Io(e) => ApiError::internal(e),
+            E::UploadBusy(m) => ApiError::new(Code::BlobUploadInvalid, m)
+                .with_status(axum::http::StatusCode::CONFLICT),
+            E::TooLarge(m) => ApiError::new(Code::SizeInvalid, m)
+                .with_status(axum::http::StatusCode::PAYLOAD_TOO_LARGE),
             E::Busy(m) => ApiError::new(Code::TooManyRequests, m)
                 .with_status(axum::http::StatusCode::SERVICE_UNAVAILABLE)
                 .with_header(axum::http::header::RETRY_AFTER, "30"),

@@ -903,7 +903,18 @@ async fn run_offline(args: &GcArgs) -> anyhow::Result<GcReport> {
             &s3,
         )
         .await?;
-        return Ok(collect(&storage, &options, None).await?);
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let result = tokio::select! {
+            r = collect(&storage, &options, None) => r.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; nothing more is deleted")),
+            _ = terminate.recv() => Err(anyhow::anyhow!("terminated; nothing more is deleted")),
+        };
+        // Stopped mid-way: the lock goes now rather than blocking writes until it is stale.
+        if let Some(s3) = storage.s3() {
+            s3.release_gc_lock().await;
+        }
+        return result;
     }
     if !args.root.join("blobs").is_dir() {
         anyhow::bail!(

@@ -313,6 +313,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             Arc::clone(&metrics),
         ))
     });
+    let storage_for_shutdown = storage.clone();
     let janitor = tokio::spawn(janitor(storage, config.upload_expiry));
 
     {
@@ -366,6 +367,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     janitor.abort();
     if let Some(c) = collector {
         c.abort();
+    }
+    if let Some(s3) = storage_for_shutdown.s3() {
+        // A collection stopped mid-way must not leave its lock to block every replica.
+        s3.release_gc_lock().await;
     }
     Ok(())
 }

@@ -90,13 +90,18 @@ const PARTS_IN_FLIGHT: usize = 2;
 const MAX_SMALL_OBJECT: u64 = 16 << 20;
 /// A pin older than this belongs to a crashed writer.
 pub const PIN_TTL: Duration = Duration::from_secs(600);
-/// A collection lock older than this belongs to a crashed collector.
-pub const LOCK_TTL: Duration = Duration::from_secs(6 * 3600);
+/// A collection lock not refreshed for this long belongs to a stopped collector (the
+/// collector refreshes it every [`LOCK_REFRESH`]).
+pub const LOCK_TTL: Duration = Duration::from_secs(90);
+/// How often a running collection refreshes its lock.
+const LOCK_REFRESH: Duration = Duration::from_secs(20);
 /// How long a write waits for a running collection before it answers an error.
 const PIN_WAIT: Duration = Duration::from_secs(120);
-/// A request that streams for longer re-saves its session this often, so that no replica's
-/// expiry takes it for idle.
-const HEARTBEAT: Duration = Duration::from_secs(300);
+/// How long a request's claim on an upload session lasts; renewed while it writes parts.
+/// (Replicas' clocks must agree to well within this.)
+const LEASE: Duration = Duration::from_secs(300);
+/// Bytes of multipart parts on the wire at once, all uploads of this replica together.
+const PART_MEMORY: usize = 512 << 20;
 
 /// Where the registry's bucket is.
 #[derive(Debug, Clone, clap::Args)]
@@ -152,6 +157,10 @@ impl S3Args {
 
 fn io(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StorageError {
     StorageError::Io(std::io::Error::other(e))
+}
+
+fn already_running() -> StorageError {
+    StorageError::Busy("a garbage collection is already running on the bucket".into())
 }
 
 fn s3_error(what: &str, e: object_store::Error) -> StorageError {
@@ -213,6 +222,19 @@ struct UploadState {
     tail_len: u64,
     /// Hex of the serialized SHA-256 state after `offset` bytes.
     sha256: String,
+    /// The request appending to the session, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease: Option<Lease>,
+    /// The bytes were written as `d/<uuid>` (the multipart upload is complete).
+    #[serde(default)]
+    assembled: bool,
+}
+
+/// A request's claim on a session: no other request appends until `until` (unix seconds).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lease {
+    request: String,
+    until: u64,
 }
 
 /// An upload session as loaded from the bucket (and the version it was loaded at).
@@ -231,6 +253,11 @@ impl S3Session {
     /// The repository the session uploads into.
     pub fn repository(&self) -> &str {
         &self.state.repository
+    }
+
+    /// Whether the bytes were already assembled into their object.
+    pub fn assembled(&self) -> bool {
+        self.state.assembled
     }
 
     /// When the session started.
@@ -253,10 +280,12 @@ fn load_hasher(text: &str) -> Result<Sha256> {
 /// What the S3 writer task ends with.
 #[derive(Debug)]
 pub struct WriteOutcome {
-    /// The session as it now stands in the bucket (unchanged when saving failed).
+    /// The session as it now stands in the bucket.
     pub session: S3Session,
+    /// Whether this request's bytes were added to it.
+    pub advanced: bool,
     /// The first failure.
-    pub error: Option<std::io::Error>,
+    pub error: Option<StorageError>,
 }
 
 /// A write in flight that relies on existing objects; removes its pin when dropped.
@@ -333,6 +362,10 @@ pub struct S3Store {
     store: Arc<AmazonS3>,
     prefix: String,
     redirect: bool,
+    /// Permits of one MiB each for parts in flight ([`PART_MEMORY`]).
+    part_budget: Arc<tokio::sync::Semaphore>,
+    /// The collection lock, while this process holds it.
+    gc_lock: Arc<std::sync::Mutex<HeldLock>>,
 }
 
 impl S3Store {
@@ -359,6 +392,8 @@ impl S3Store {
             store: Arc::new(store),
             prefix,
             redirect: config.redirect,
+            part_budget: Arc::new(tokio::sync::Semaphore::new(PART_MEMORY >> 20)),
+            gc_lock: Arc::default(),
         })
     }
 
@@ -372,13 +407,23 @@ impl S3Store {
         s.strip_prefix(self.prefix.as_str()).unwrap_or(s)
     }
 
-    /// Checks that the bucket answers (at startup, so a wrong setting fails early).
+    /// Checks that the bucket can be listed, written and deleted from (at startup, so a
+    /// wrong setting or read-only credentials fail early rather than at the first push).
     pub async fn check(&self) -> Result<()> {
+        let hint = "check --s3-bucket, --s3-endpoint, --s3-region and the credentials";
         self.store
             .list_with_delimiter(Some(&self.path("r")))
             .await
-            .map(|_| ())
-            .map_err(|e| s3_error("listing the bucket (check --s3-* and the credentials)", e))
+            .map_err(|e| s3_error(&format!("listing the bucket ({hint})"), e))?;
+        let probe = self.path(&format!("gc/probe-{}", Uuid::new_v4()));
+        self.store
+            .put(&probe, Bytes::from_static(b"dvcr").into())
+            .await
+            .map_err(|e| s3_error(&format!("writing to the bucket ({hint})"), e))?;
+        self.store
+            .delete(&probe)
+            .await
+            .map_err(|e| s3_error(&format!("deleting from the bucket ({hint})"), e))
     }
 
     // ---- small objects ----
@@ -518,32 +563,53 @@ impl S3Store {
     pub async fn pin(&self) -> Result<Pin> {
         let deadline = tokio::time::Instant::now() + PIN_WAIT;
         loop {
+            // While a collection runs, only its lock is polled: pins written and removed in
+            // a loop would keep the collection from ever seeing none.
+            if self.gc_running().await? {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(StorageError::Busy(
+                        "a garbage collection is running on the bucket; retry in a minute".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             let key = self.path(&format!("gc/pins/{}", Uuid::new_v4()));
             self.put(&key, Bytes::new()).await?;
             let pin = Pin {
                 store: Some(self.clone()),
                 key,
             };
-            match self.exists(&self.path("gc/lock")).await? {
-                Some(lock) if age(&lock) < LOCK_TTL => {
-                    drop(pin);
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(StorageError::Busy(
-                            "a garbage collection is running on the bucket; retry in a minute"
-                                .into(),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                _ => return Ok(pin),
+            if !self.gc_running().await? {
+                return Ok(pin);
             }
         }
     }
 
+    /// Whether a live collection lock exists.
+    async fn gc_running(&self) -> Result<bool> {
+        Ok(self
+            .exists(&self.path("gc/lock"))
+            .await?
+            .is_some_and(|lock| age(&lock) < LOCK_TTL))
+    }
+
     // ---- blobs ----
 
+    /// The pointer of a blob; its `object` must be a data key (`d/<uuid>`), whatever the
+    /// bucket holds.
     async fn pointer(&self, d: &Digest) -> Result<Option<(Pointer, ObjectMeta)>> {
-        self.get_json(&self.blob_key(d)).await
+        let found: Option<(Pointer, ObjectMeta)> = self.get_json(&self.blob_key(d)).await?;
+        if let Some((p, _)) = &found
+            && !valid_data_key(&p.object)
+        {
+            return Err(io(format!(
+                "the pointer of blob {d} names {:?}, not a data object: the bucket was \
+                 changed by something else than dvcr",
+                p.object
+            )));
+        }
+        Ok(found)
     }
 
     /// The size of a blob the repository may serve.
@@ -610,6 +676,8 @@ impl S3Store {
             tail: None,
             tail_len: 0,
             sha256: save_hasher(&Sha256::new()),
+            lease: None,
+            assembled: false,
         };
         let json = serde_json::to_vec(&state).map_err(io)?;
         let options = PutOptions {
@@ -666,81 +734,129 @@ impl S3Store {
                 };
                 Ok(())
             }
-            Err(
-                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
-            ) => Err(StorageError::UploadUnknown(format!(
-                "{id} (changed by another request at the same time, or finished)"
+            Err(object_store::Error::Precondition { .. }) => Err(StorageError::UploadBusy(
+                format!("upload {id} was changed by another request at the same time"),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::UploadUnknown(format!(
+                "{id} (finished or cancelled meanwhile)"
             ))),
             Err(e) => Err(s3_error("saving an upload session", e)),
         }
     }
 
-    /// Starts the task that appends a request's bytes to the session.
+    /// Starts the task that appends a request's bytes to the session; with `limit` (a
+    /// ranged chunk) the bytes count only if exactly that many arrive.
     pub fn writer(
         &self,
         id: Uuid,
         session: S3Session,
+        limit: Option<u64>,
     ) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<WriteOutcome>) {
         let (tx, rx) = mpsc::channel::<Bytes>(4);
         let store = self.clone();
         let handle = tokio::spawn(async move {
             let mut working = session.clone();
-            match store.append(id, &mut working, rx).await {
-                Ok(()) => WriteOutcome {
+            match store.append(id, &mut working, rx, limit).await {
+                Ok(advanced) => WriteOutcome {
                     session: working,
+                    advanced,
                     error: None,
                 },
-                Err(e) => {
-                    // What the bucket holds now is what counts (the request may have saved the
-                    // session on the way).
-                    let session = match store.load_session(id).await {
-                        Ok(Some(saved)) => saved,
-                        _ => session,
-                    };
-                    WriteOutcome {
-                        session,
-                        error: Some(match e {
-                            StorageError::Io(e) => e,
-                            other => std::io::Error::other(other.to_string()),
-                        }),
-                    }
-                }
+                Err(e) => WriteOutcome {
+                    // `append` left the session as it started (or as another request made
+                    // it): the version is the one to go on from.
+                    session: working,
+                    advanced: false,
+                    error: Some(e),
+                },
             }
         });
         (tx, handle)
     }
 
+    /// Appends one request's bytes. The request first claims the session with a lease (a
+    /// compare-and-swap on the state), renews it while it writes parts, and never writes a
+    /// part without a live lease: two requests of one session on two replicas cannot both
+    /// write parts. Returns whether the session advanced.
     async fn append(
         &self,
         id: Uuid,
         session: &mut S3Session,
+        rx: mpsc::Receiver<Bytes>,
+        limit: Option<u64>,
+    ) -> Result<bool> {
+        if let Some(lease) = &session.state.lease
+            && lease.until > now_secs()
+        {
+            return Err(StorageError::UploadBusy(format!(
+                "another request is appending to upload {id}; retry when it is done (GET the \
+                 upload for its offset)"
+            )));
+        }
+        let request = Uuid::new_v4().to_string();
+        session.state.lease = Some(Lease {
+            request: request.clone(),
+            until: now_secs() + LEASE.as_secs(),
+        });
+        self.save_session(id, session).await?;
+        let start = session.state.clone();
+        let outcome = self.append_leased(id, session, rx, limit).await;
+        match outcome {
+            Ok(true) => Ok(true),
+            Ok(false) | Err(_) => {
+                // Back to where the request started, keeping a multipart upload it created
+                // (its parts are overwritten by the next chunk), and the lease released. If
+                // another request took the session over meanwhile, leave it to that one.
+                let mut back = start;
+                back.multipart = session.state.multipart.clone();
+                back.lease = None;
+                let saved = session.state.lease.as_ref().map(|l| l.request.as_str())
+                    == Some(request.as_str());
+                if saved {
+                    session.state = back;
+                    let _ = self.save_session(id, session).await;
+                }
+                outcome.map(|_| false)
+            }
+        }
+    }
+
+    async fn renew_lease(&self, id: Uuid, session: &mut S3Session) -> Result<()> {
+        let until = session.state.lease.as_ref().map_or(0, |l| l.until);
+        if until.saturating_sub(now_secs()) < LEASE.as_secs() * 2 / 3 {
+            if let Some(lease) = session.state.lease.as_mut() {
+                lease.until = now_secs() + LEASE.as_secs();
+            }
+            self.save_session(id, session).await?;
+        }
+        Ok(())
+    }
+
+    async fn append_leased(
+        &self,
+        id: Uuid,
+        session: &mut S3Session,
         mut rx: mpsc::Receiver<Bytes>,
-    ) -> Result<()> {
+        limit: Option<u64>,
+    ) -> Result<bool> {
         let old_tail = session.state.tail.clone();
         let mut hasher = Some(load_hasher(&session.state.sha256)?);
         let mut buf = BytesMut::new();
         if let Some(tail) = &old_tail {
-            let (bytes, _) = self
-                .get_small(&self.path(tail))
-                .await?
-                .ok_or_else(|| io("the upload's tail object is missing"))?;
-            if bytes.len() as u64 != session.state.tail_len {
-                return Err(io("the upload's tail object has the wrong length"));
-            }
+            let bytes = self.read_tail(id, tail, session.state.tail_len).await?;
             buf.extend_from_slice(&bytes);
         }
         // Bytes at the front of `buf` that the hasher already saw (the old tail).
         let mut hashed = buf.len();
         let mut received: u64 = 0;
         let data_key = self.data_key(id);
-        let mut created_multipart = false;
+        let mut unsaved_multipart = false;
         let mut in_flight: std::collections::VecDeque<
             tokio::task::JoinHandle<object_store::Result<PartId>>,
         > = std::collections::VecDeque::new();
         let mut parts = session.state.parts.clone();
-        let mut last_saved = tokio::time::Instant::now();
 
-        let result: Result<()> = async {
+        let result: Result<bool> = async {
             while let Some(chunk) = rx.recv().await {
                 received += chunk.len() as u64;
                 buf.extend_from_slice(&chunk);
@@ -750,9 +866,12 @@ impl S3Store {
                     if buf.len() < size {
                         break;
                     }
-                    if index >= MAX_PARTS {
-                        return Err(io(
-                            "the blob is larger than an S3 multipart upload allows (10 000 parts)",
+                    // The last part number stays free for the tail at commit.
+                    if index + 1 >= MAX_PARTS {
+                        return Err(StorageError::TooLarge(
+                            "the blob is larger than an S3 multipart upload holds (10 000 \
+                             parts, about 1.13 TiB)"
+                                .into(),
                         ));
                     }
                     let part = buf.split_to(size).freeze();
@@ -767,13 +886,12 @@ impl S3Store {
                                 .create_multipart(&data_key)
                                 .await
                                 .map_err(|e| s3_error("starting a multipart upload", e))?;
-                            created_multipart = true;
+                            unsaved_multipart = true;
                             session.state.multipart = Some(mp.clone());
-                            // Recorded at once, so that an expiry can abort it even if this
-                            // replica dies mid-request.
+                            // Recorded at once, so that a cancel or an expiry can abort it
+                            // even if this replica dies mid-request.
                             self.save_session(id, session).await?;
-                            created_multipart = false;
-                            last_saved = tokio::time::Instant::now();
+                            unsaved_multipart = false;
                             mp
                         }
                     };
@@ -785,20 +903,23 @@ impl S3Store {
                     while in_flight.len() >= limit {
                         parts.push(join_part(in_flight.pop_front()).await?);
                     }
-                    // A long request shows other replicas' expiry that the session lives
-                    // (the saved state is still the one the request started from).
-                    if last_saved.elapsed() > HEARTBEAT {
-                        self.save_session(id, session).await?;
-                        last_saved = tokio::time::Instant::now();
-                    }
+                    // Never a part without a live lease (see `append`).
+                    self.renew_lease(id, session).await?;
+                    let permit = self.part_memory(size).await?;
                     let (store, key) = (Arc::clone(&self.store), data_key.clone());
                     in_flight.push_back(tokio::spawn(async move {
-                        store.put_part(&key, &mp, index, part.into()).await
+                        let put = store.put_part(&key, &mp, index, part.into()).await;
+                        drop(permit);
+                        put
                     }));
                 }
             }
             while let Some(handle) = in_flight.pop_front() {
                 parts.push(join_part(Some(handle)).await?);
+            }
+            if limit.is_some_and(|l| received != l) {
+                // A ranged chunk that is short or long counts for nothing.
+                return Ok(false);
             }
             let rest = buf.split().freeze();
             let fresh = rest.slice(hashed.min(rest.len())..);
@@ -816,29 +937,67 @@ impl S3Store {
             if let Some(h) = &hasher {
                 session.state.sha256 = save_hasher(h);
             }
-            self.save_session(id, session).await
+            session.state.lease = None;
+            self.save_session(id, session).await?;
+            Ok(true)
         }
         .await;
         match result {
-            Ok(()) => {
+            Ok(true) => {
                 // Keep the tail the request started from (a failed ranged chunk rolls back to
                 // it) and the new one; older ones are no longer reachable.
                 let keep = [old_tail.as_deref(), session.state.tail.as_deref()];
                 self.remove_tails(id, &keep).await;
-                Ok(())
+                Ok(true)
             }
-            Err(e) => {
+            other => {
                 for handle in in_flight {
                     handle.abort();
                 }
                 // A multipart upload that made it into the saved state stays for the next
                 // request (or the expiry); one that did not is aborted now.
-                if created_multipart && let Some(mp) = &session.state.multipart {
-                    let _ = self.store.abort_multipart(&data_key, mp).await;
+                if unsaved_multipart && let Some(mp) = session.state.multipart.take() {
+                    let _ = self.store.abort_multipart(&data_key, &mp).await;
                 }
-                Err(e)
+                other
             }
         }
+    }
+
+    /// Waits until `size` more bytes of parts may be held in memory (all uploads together).
+    async fn part_memory(&self, size: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let mib = u32::try_from(size >> 20).unwrap_or(u32::MAX).max(1);
+        Arc::clone(&self.part_budget)
+            .acquire_many_owned(mib)
+            .await
+            .map_err(io)
+    }
+
+    /// Reads a tail object, checking that it is one of this session's and has its length.
+    async fn read_tail(&self, id: Uuid, key: &str, len: u64) -> Result<Bytes> {
+        let valid = key
+            .strip_prefix(&format!("u/{id}/tail-"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
+        if !valid || len >= LARGE_PART as u64 {
+            return Err(io(format!(
+                "upload {id} is damaged (tail {key:?} of {len} bytes); start the upload again"
+            )));
+        }
+        let got = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| s3_error("reading the upload's tail", e))?;
+        if got.meta.size != len {
+            return Err(io(format!(
+                "upload {id} is damaged (its tail has {} bytes, not {len}); start the upload \
+                 again",
+                got.meta.size
+            )));
+        }
+        got.bytes()
+            .await
+            .map_err(|e| s3_error("reading the upload's tail", e))
     }
 
     /// Deletes the session's tail objects but those in `keep`.
@@ -854,8 +1013,10 @@ impl S3Store {
         }
     }
 
-    /// Goes back to `checkpoint` (the session before a failed ranged chunk): its tail object
-    /// is still there, and parts written since are overwritten by the next chunk.
+    /// Goes back to `checkpoint` after a chunk this request added (`current`, saved by it)
+    /// turned out invalid; the checkpoint's tail object is still there, and parts written
+    /// since are overwritten by the next chunk. If another request changed the session
+    /// since, nothing is touched.
     pub async fn rollback(
         &self,
         id: Uuid,
@@ -864,66 +1025,107 @@ impl S3Store {
     ) -> Result<S3Session> {
         let mut restored = checkpoint;
         restored.version = current.version.clone();
-        self.save_session(id, &mut restored).await?;
-        Ok(restored)
+        restored.state.multipart = current.state.multipart.clone();
+        restored.state.lease = None;
+        match self.save_session(id, &mut restored).await {
+            Ok(()) => Ok(restored),
+            Err(StorageError::UploadBusy(_)) => Ok(current.clone()),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Verifies and publishes the blob; the session is removed either way.
-    pub async fn commit(&self, id: Uuid, session: &S3Session, d: &Digest) -> Result<Commit> {
-        let state = &session.state;
+    /// Verifies and publishes the blob; the session is removed unless a step failed that a
+    /// retry of the `PUT` can redo.
+    pub async fn commit(&self, id: Uuid, session: &mut S3Session, d: &Digest) -> Result<Commit> {
+        if let Some(lease) = &session.state.lease
+            && lease.until > now_secs()
+        {
+            return Err(StorageError::UploadBusy(format!(
+                "another request is appending to upload {id}; retry when it is done"
+            )));
+        }
         let data_key = self.data_key(id);
         // The digest, from the saved hash state (SHA-256) or by reading the bytes (SHA-512).
         let actual = match d.algorithm() {
-            Algorithm::Sha256 => {
-                Digest::from_bytes(Algorithm::Sha256, &load_hasher(&state.sha256)?.finalize())
-            }
+            Algorithm::Sha256 => Digest::from_bytes(
+                Algorithm::Sha256,
+                &load_hasher(&session.state.sha256)?.finalize(),
+            ),
             Algorithm::Sha512 => {
-                self.assemble(id, state).await?;
+                self.assemble(id, session).await?;
                 self.hash_object_sha512(&data_key).await?
             }
         };
         if &actual != d {
-            self.discard(id, state).await;
+            self.discard(id, &session.state).await;
             return Ok(Commit::Mismatch(actual));
         }
         let _pin = self.pin().await?;
-        let size = state.offset;
-        if self.pointer(d).await?.is_some() {
-            self.discard(id, state).await;
-        } else {
-            if d.algorithm() == Algorithm::Sha256 {
-                self.assemble(id, state).await?;
+        let size = session.state.offset;
+        let ours = format!("d/{id}");
+        match self.pointer(d).await? {
+            Some((existing, meta))
+                if self.exists(&self.path(&existing.object)).await?.is_some() =>
+            {
+                // Same digest, same bytes: keep the existing ones.
+                drop(meta);
+                self.discard(id, &session.state).await;
             }
-            let pointer = Pointer {
-                size,
-                object: format!("d/{id}"),
-            };
-            let json = serde_json::to_vec(&pointer).map_err(io)?;
-            if !self.create(&self.blob_key(d), json).await? {
-                // Another upload of the same blob won the race: ours is not needed.
-                let _ = self.delete_quiet(&data_key).await;
+            existing => {
+                self.assemble(id, session).await?;
+                let pointer = Pointer {
+                    size,
+                    object: ours.clone(),
+                };
+                let json = serde_json::to_vec(&pointer).map_err(io)?;
+                let key = self.blob_key(d);
+                let created = match existing {
+                    // A pointer whose bytes are gone (a crash, a lost race): replace it.
+                    Some((_, meta)) => {
+                        let options = PutOptions {
+                            mode: PutMode::Update(UpdateVersion {
+                                e_tag: meta.e_tag,
+                                version: meta.version,
+                            }),
+                            ..Default::default()
+                        };
+                        self.store
+                            .put_opts(&key, json.into(), options)
+                            .await
+                            .is_ok()
+                    }
+                    None => self.create(&key, json).await?,
+                };
+                if !created {
+                    // Another upload of the same blob won, unless the create answered late
+                    // and its retry found our own pointer.
+                    let winner = self.pointer(d).await?.map(|(p, _)| p.object);
+                    if winner.as_deref() != Some(ours.as_str()) {
+                        let _ = self.delete_quiet(&data_key).await;
+                    }
+                }
+                self.remove_session_objects(id, &session.state).await;
             }
-            self.remove_session_objects(id, state).await;
         }
-        self.put(&self.link_key(&state.repository, d), Bytes::new())
+        self.put(&self.link_key(&session.state.repository, d), Bytes::new())
             .await?;
         Ok(Commit::Done(size))
     }
 
-    /// Writes the received bytes as `d/<id>` (completing the multipart upload).
-    async fn assemble(&self, id: Uuid, state: &UploadState) -> Result<()> {
+    /// Writes the received bytes as `d/<id>` (completing the multipart upload) once; the
+    /// session records it, so a retried `PUT` does not try again.
+    async fn assemble(&self, id: Uuid, session: &mut S3Session) -> Result<()> {
+        if session.state.assembled {
+            return Ok(());
+        }
+        let state = &session.state;
         let data_key = self.data_key(id);
         let tail = match &state.tail {
-            Some(t) => {
-                self.get_small(&self.path(t))
-                    .await?
-                    .ok_or_else(|| io("the upload's tail object is missing"))?
-                    .0
-            }
+            Some(t) => self.read_tail(id, t, state.tail_len).await?,
             None => Bytes::new(),
         };
         match &state.multipart {
-            None => self.put(&data_key, tail).await,
+            None => self.put(&data_key, tail).await?,
             Some(mp) => {
                 let mut parts: Vec<PartId> = state
                     .parts
@@ -943,10 +1145,11 @@ impl S3Store {
                 self.store
                     .complete_multipart(&data_key, mp, parts)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| s3_error("completing a multipart upload", e))
+                    .map_err(|e| s3_error("completing a multipart upload", e))?;
             }
         }
+        session.state.assembled = true;
+        self.save_session(id, session).await
     }
 
     async fn hash_object_sha512(&self, key: &Path) -> Result<Digest> {
@@ -1057,7 +1260,12 @@ impl S3Store {
         tag: Option<&str>,
         subject: Option<(&Digest, serde_json::Value)>,
     ) -> Result<()> {
-        if self.pointer(&m.digest).await?.is_none() {
+        let existing = self.pointer(&m.digest).await?;
+        let intact = match &existing {
+            Some((p, _)) => self.exists(&self.path(&p.object)).await?.is_some(),
+            None => false,
+        };
+        if !intact {
             let id = Uuid::new_v4();
             let object = format!("d/{id}");
             self.put(&self.path(&object), m.bytes.clone()).await?;
@@ -1066,7 +1274,29 @@ impl S3Store {
                 object: object.clone(),
             };
             let json = serde_json::to_vec(&pointer).map_err(io)?;
-            if !self.create(&self.blob_key(&m.digest), json).await? {
+            let key = self.blob_key(&m.digest);
+            let created = match existing {
+                Some((_, meta)) => {
+                    let options = PutOptions {
+                        mode: PutMode::Update(UpdateVersion {
+                            e_tag: meta.e_tag,
+                            version: meta.version,
+                        }),
+                        ..Default::default()
+                    };
+                    self.store
+                        .put_opts(&key, json.into(), options)
+                        .await
+                        .is_ok()
+                }
+                None => self.create(&key, json).await?,
+            };
+            let winner = if created {
+                None
+            } else {
+                self.pointer(&m.digest).await?.map(|(p, _)| p.object)
+            };
+            if !created && winner.as_deref() != Some(object.as_str()) {
                 let _ = self.delete_quiet(&self.path(&object)).await;
             }
         }
@@ -1288,41 +1518,112 @@ pub struct Sweep {
     pub uploads_expired: usize,
 }
 
-/// Holds `gc/lock`; removed when dropped.
-struct GcLock(Option<S3Store>);
-
-impl Drop for GcLock {
-    fn drop(&mut self) {
-        if let Some(store) = self.0.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(async move {
-                let _ = store.delete_quiet(&store.path("gc/lock")).await;
-            });
-        }
-    }
+/// The collection lock this process holds: refreshed every [`LOCK_REFRESH`] by a task of its
+/// own with a compare-and-swap, so a collector that stops (killed, or its replica shut
+/// down) leaves a lock that goes stale in [`LOCK_TTL`], and a collector that stalled past
+/// it learns that it lost the lock instead of clobbering a newer one.
+#[derive(Debug, Default)]
+pub struct HeldLock {
+    refresher: Option<tokio::task::AbortHandle>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl S3Store {
-    async fn take_gc_lock(&self) -> Result<GcLock> {
+    fn held_lock(&self) -> std::sync::MutexGuard<'_, HeldLock> {
+        self.gc_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn take_gc_lock(&self) -> Result<()> {
         let key = self.path("gc/lock");
-        let body = serde_json::to_vec(&serde_json::json!({ "started": now_secs() })).map_err(io)?;
-        for _ in 0..2 {
-            if self.create(&key, body.clone()).await? {
-                return Ok(GcLock(Some(self.clone())));
+        let body = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({ "started": now_secs() })).map_err(io)?,
+        );
+        let put = |mode: PutMode| {
+            let (store, key, body) = (Arc::clone(&self.store), key.clone(), body.clone());
+            async move {
+                let options = PutOptions {
+                    mode,
+                    ..Default::default()
+                };
+                store.put_opts(&key, body.into(), options).await
             }
-            match self.exists(&key).await? {
-                Some(meta) if age(&meta) >= LOCK_TTL => {
-                    tracing::warn!("removing a stale garbage collection lock");
-                    self.delete_quiet(&key).await?;
+        };
+        let taken = match put(PutMode::Create).await {
+            Ok(r) => r,
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let meta = self.exists(&key).await?;
+                match meta {
+                    // Taken over with a compare-and-swap: of two collectors that both saw
+                    // the stale lock, one wins.
+                    Some(meta) if age(&meta) >= LOCK_TTL => {
+                        tracing::warn!("taking over a stale garbage collection lock");
+                        put(PutMode::Update(UpdateVersion {
+                            e_tag: meta.e_tag,
+                            version: meta.version,
+                        }))
+                        .await
+                        .map_err(|_| already_running())?
+                    }
+                    _ => return Err(already_running()),
                 }
-                Some(_) => break,
-                None => {}
+            }
+            Err(e) => return Err(s3_error("taking the garbage collection lock", e)),
+        };
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (store, flag) = (self.clone(), Arc::clone(&lost));
+        let mut version = UpdateVersion {
+            e_tag: taken.e_tag,
+            version: taken.version,
+        };
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_REFRESH).await;
+                let options = PutOptions {
+                    mode: PutMode::Update(version.clone()),
+                    ..Default::default()
+                };
+                match store
+                    .store
+                    .put_opts(&store.path("gc/lock"), body.clone().into(), options)
+                    .await
+                {
+                    Ok(r) => {
+                        version = UpdateVersion {
+                            e_tag: r.e_tag,
+                            version: r.version,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the garbage collection lock");
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        });
+        *self.held_lock() = HeldLock {
+            refresher: Some(refresher.abort_handle()),
+            lost,
+        };
+        Ok(())
+    }
+
+    fn lock_lost(&self) -> bool {
+        self.held_lock()
+            .lost
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Releases the collection lock if this process holds it (also at shutdown, when the
+    /// collector was stopped mid-way).
+    pub async fn release_gc_lock(&self) {
+        let held = std::mem::take(&mut *self.held_lock());
+        if let Some(refresher) = held.refresher {
+            refresher.abort();
+            if !held.lost.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = self.delete_quiet(&self.path("gc/lock")).await;
             }
         }
-        Err(StorageError::Busy(
-            "a garbage collection is already running on the bucket".into(),
-        ))
     }
 
     /// Waits until no live pin exists (stale ones are removed).
@@ -1371,13 +1672,11 @@ impl S3Store {
         upload_expiry: Duration,
         writer_wait: Duration,
     ) -> Result<Sweep> {
-        let mut lock = self.take_gc_lock().await?;
+        self.take_gc_lock().await?;
         let result = self
             .collect_locked(grace, dry_run, upload_expiry, writer_wait)
             .await;
-        // Released here rather than on drop: `dvcr gc` ends its runtime right after.
-        lock.0 = None;
-        self.delete_quiet(&self.path("gc/lock")).await?;
+        self.release_gc_lock().await;
         result
     }
 
@@ -1497,6 +1796,11 @@ impl S3Store {
             if dry_run {
                 continue;
             }
+            if self.lock_lost() {
+                return Err(StorageError::Busy(
+                    "the collection lost its lock (stalled past its lifetime); stopped".into(),
+                ));
+            }
             for link in links.get(&d).into_iter().flatten() {
                 self.delete_quiet(&link.location).await?;
             }
@@ -1514,6 +1818,12 @@ impl S3Store {
         }
         Ok(sweep)
     }
+}
+
+/// Whether `key` is `d/<uuid>`.
+fn valid_data_key(key: &str) -> bool {
+    key.strip_prefix("d/")
+        .is_some_and(|id| Uuid::parse_str(id).is_ok())
 }
 
 /// `<alg>/<hex>` at the end of a key, as a digest.

@@ -95,6 +95,12 @@ pub enum StorageError {
     /// Another process holds what the operation needs (a garbage collection on the bucket).
     #[error("{0}")]
     Busy(String),
+    /// Another request is appending to the same upload session (object storage).
+    #[error("{0}")]
+    UploadBusy(String),
+    /// The blob is larger than the storage can hold in one object.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Shorthand for storage results.
@@ -143,6 +149,9 @@ pub struct Session {
     started: SystemTime,
     /// With S3: the session as loaded from the bucket when the request locked it.
     s3: Option<S3Session>,
+    /// With S3: the last writer of this request added its bytes to the session (what a
+    /// rollback may undo).
+    s3_advanced: bool,
 }
 
 impl Session {
@@ -258,8 +267,8 @@ impl UploadWriter {
         }
     }
 
-    /// Flushes what was queued and brings the session up to date; the I/O error if any.
-    pub async fn finish(mut self, session: &mut Session) -> io::Result<()> {
+    /// Flushes what was queued and brings the session up to date; the error if any.
+    pub async fn finish(mut self, session: &mut Session) -> Result<()> {
         if !self.gathered.is_empty() {
             let rest = self.gathered.split().freeze();
             // A writer that stopped reports its error below.
@@ -272,6 +281,7 @@ impl UploadWriter {
                 let outcome = handle.await.map_err(io::Error::other)?;
                 session.offset = outcome.session.offset();
                 session.s3 = Some(outcome.session);
+                session.s3_advanced = outcome.advanced;
                 return match outcome.error {
                     Some(e) => Err(e),
                     None => Ok(()),
@@ -284,7 +294,7 @@ impl UploadWriter {
             session.offset = offset;
         }
         match outcome.error {
-            Some(e) => Err(e),
+            Some(e) => Err(e.into()),
             None => Ok(()),
         }
     }
@@ -422,6 +432,7 @@ impl Storage {
                         closed: false,
                         started: UNIX_EPOCH + Duration::from_secs(state.started),
                         s3: None,
+                        s3_advanced: false,
                     };
                     self.inner.coordinator.upload_opened(&session.repository);
                     sessions.insert(id, Arc::new(tokio::sync::Mutex::new(session)));
@@ -657,6 +668,7 @@ impl Storage {
             closed: false,
             started: SystemTime::now(),
             s3: None,
+            s3_advanced: false,
         }));
         {
             let mut sessions = self.sessions();
@@ -724,6 +736,7 @@ impl Storage {
                     closed: false,
                     started: SystemTime::now(),
                     s3: None,
+                    s3_advanced: false,
                 }))
             })
             .clone();
@@ -756,10 +769,13 @@ impl Storage {
         Ok(())
     }
 
-    /// Starts writing at the session's offset; feed it with [`UploadWriter::write`].
-    pub fn writer(&self, session: &mut Session) -> UploadWriter {
+    /// Starts writing at the session's offset; feed it with [`UploadWriter::write`]. With
+    /// `limit` (a ranged chunk), object storage keeps the bytes only if exactly that many
+    /// arrive (the filesystem keeps them and the caller rolls back).
+    pub fn writer(&self, session: &mut Session, limit: Option<u64>) -> UploadWriter {
         if let (Some(s3), Some(state)) = (self.s3(), session.s3.clone()) {
-            let (tx, handle) = s3.writer(session.id, state);
+            session.s3_advanced = false;
+            let (tx, handle) = s3.writer(session.id, state, limit);
             return UploadWriter {
                 tx: Some(tx),
                 gathered: bytes::BytesMut::new(),
@@ -826,14 +842,24 @@ impl Storage {
         }
     }
 
+    /// Whether a failed commit may be undone back to a checkpoint taken before the last
+    /// chunk (not once object storage assembled the bytes into their object).
+    pub fn can_roll_back(&self, session: &Session) -> bool {
+        !session.closed && session.s3.as_ref().is_none_or(|s| !s.assembled())
+    }
+
     /// Goes back to a checkpoint: truncates the data and restores the hash state.
     pub async fn rollback(&self, session: &mut Session, checkpoint: Checkpoint) -> Result<()> {
         if let (Some(s3), Some(current), Some(old)) =
             (self.s3(), session.s3.as_ref(), checkpoint.s3)
         {
-            let restored = s3.rollback(session.id, current, old).await?;
-            session.offset = restored.offset();
-            session.s3 = Some(restored);
+            // Only what this request itself added is undone.
+            if session.s3_advanced {
+                let restored = s3.rollback(session.id, current, old).await?;
+                session.offset = restored.offset();
+                session.s3 = Some(restored);
+                session.s3_advanced = false;
+            }
             return Ok(());
         }
         let path = self.upload_dir(session.id).join("data");
@@ -853,7 +879,7 @@ impl Storage {
     /// Verifies the received bytes against `digest` and, if they match, moves them into place
     /// and links the blob into the session's repository. The session is closed either way.
     pub async fn commit(&self, session: &mut Session, digest: &Digest) -> Result<Commit> {
-        if let (Some(s3), Some(state)) = (self.s3(), session.s3.as_ref()) {
+        if let (Some(s3), Some(state)) = (self.s3(), session.s3.as_mut()) {
             let result = s3.commit(session.id, state, digest).await;
             if result.is_ok() {
                 self.close(session);
@@ -1304,7 +1330,7 @@ mod tests {
         let session = s.session(&id.to_string()).unwrap();
         let mut guard = session.lock().await;
         for part in parts {
-            let mut w = s.writer(&mut guard);
+            let mut w = s.writer(&mut guard, None);
             w.write(Bytes::copy_from_slice(part)).await.unwrap();
             w.finish(&mut guard).await.unwrap();
         }
@@ -1352,7 +1378,7 @@ mod tests {
             let id = s.start_upload("r").await.unwrap();
             let session = s.session(&id.to_string()).unwrap();
             let mut g = session.lock().await;
-            let mut w = s.writer(&mut g);
+            let mut w = s.writer(&mut g, None);
             w.write(Bytes::from_static(b"first ")).await.unwrap();
             w.finish(&mut g).await.unwrap();
             id
@@ -1361,7 +1387,7 @@ mod tests {
         let session = s.session(&id.to_string()).unwrap();
         let mut g = session.lock().await;
         assert_eq!(g.offset, 6);
-        let mut w = s.writer(&mut g);
+        let mut w = s.writer(&mut g, None);
         w.write(Bytes::from_static(b"second")).await.unwrap();
         w.finish(&mut g).await.unwrap();
         let d = sha256(b"first second");

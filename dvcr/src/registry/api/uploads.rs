@@ -129,7 +129,7 @@ async fn append(
                     failure = Some(BodyError::TooLarge);
                     break;
                 }
-                let w = writer.get_or_insert_with(|| storage.writer(session));
+                let w = writer.get_or_insert_with(|| storage.writer(session, limit));
                 if w.write(chunk).await.is_err() {
                     break;
                 }
@@ -150,7 +150,7 @@ async fn append(
     {
         storage.rollback(session, checkpoint).await?;
     }
-    io_result.map_err(ApiError::internal)?;
+    io_result?;
     match failure {
         None if short => Err(ApiError::new(
             Code::SizeInvalid,
@@ -184,8 +184,14 @@ async fn finish(
     digest: &Digest,
     req: Request,
 ) -> ApiResult {
+    let checkpoint = session.checkpoint();
     append(state, name, session, req).await?;
-    match state.storage.commit(session, digest).await? {
+    let committed = state.storage.commit(session, digest).await;
+    if committed.is_err() && state.storage.can_roll_back(session) {
+        // The client may retry the PUT with the same body: it must not count twice.
+        state.storage.rollback(session, checkpoint).await?;
+    }
+    match committed? {
         Commit::Done(size) => {
             tracing::info!(repository = name, %digest, size, "blob committed");
             Ok(respond(
