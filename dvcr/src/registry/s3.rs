@@ -34,26 +34,43 @@
 //! multipart upload id and the ETags of its parts, the key of the tail object, and the running
 //! SHA-256 *state* (the serialized hasher), so the replica that receives the next chunk goes on
 //! hashing where the previous one stopped, and the digest is known at commit without reading
-//! the blob back. The state is replaced with `If-Match: <ETag>` of the version the request
-//! started from: two requests of one session on two replicas cannot both advance it (the
-//! loser gets an error and nothing of its chunk counts).
+//! the blob back. Every change replaces the state with `If-Match: <ETag>` of the version it
+//! read. A request that appends first *claims* the session: it saves a lease (its id and an
+//! expiry, [`LEASE`]) that way, renews it before every part it sends, and releases it with
+//! the final save. Another request finding a live lease is refused (409) before it writes
+//! anything, so two requests never write parts of one multipart upload; a request that
+//! lost its lease (stalled past it while another took over) fails at its next renewal. A
+//! ranged chunk that arrives short or long is not saved; a failed request puts the state
+//! back as it found it, keeping a multipart upload it started (the next chunk overwrites
+//! its parts). Once the bytes are assembled into their object the state says so, and a
+//! retried `PUT` does not assemble again. Leases compare the replicas' clocks: keep them
+//! within a minute of each other (NTP).
 //!
 //! Parts: 8 MiB for the first 1000 parts, 128 MiB after (S3 allows 10 000 parts of at least
-//! 5 MiB but the last): blobs up to 1.13 TiB. An upload holds one part filling and at most
-//! two small parts or one large part sending: 24 MiB, or 256 MiB for a blob past 7.8 GiB. Bytes of a chunk that do
-//! not fill a part are kept in a tail object and prepended to the next chunk, so clients may
-//! send chunks of any size.
+//! 5 MiB but the last): blobs up to 1.13 TiB. An upload holds the part it fills and at most
+//! two small parts or one large part on the wire (24 MiB, or 256 MiB past 7.8 GiB), and all
+//! uploads of a replica together hold at most [`PART_MEMORY`] on the wire. Bytes of a chunk
+//! that do not fill a part are kept in a tail object and prepended to the next chunk, so
+//! clients may send chunks of any size.
 //!
 //! # Garbage collection with several replicas
 //! A write that is about to rely on an existing blob or manifest (a manifest push, a mount, a
 //! commit of a blob that already exists) first writes a *pin* `gc/pins/<uuid>` and then
-//! checks that no `gc/lock` exists (if one does, it removes its pin and waits for the
-//! collection to end). A collection first creates `gc/lock` (create-only), then waits until
-//! no live pin exists, and only then marks and sweeps. S3 is strongly consistent, so one of
-//! the two sides always sees the other's object: a write never interleaves with a sweep.
-//! Pins older than [`PIN_TTL`] and locks older than [`LOCK_TTL`] belong to crashed
-//! processes and are ignored. The sweep also keeps what the grace period covers: blobs whose
-//! pointer or any repository link is younger than it (uploads not yet referenced).
+//! checks that no live `gc/lock` exists (while one does, it polls the lock, writing no pins,
+//! and waits for the collection to end). A collection first creates `gc/lock` (create-only),
+//! then waits until no live pin exists, and only then marks and sweeps. S3 is strongly
+//! consistent, so one of the two sides always sees the other's object: a write never
+//! interleaves with a sweep. Pins older than [`PIN_TTL`] belong to crashed writers and are
+//! removed. The collector refreshes its lock every 20 s with a compare-and-swap, and
+//! releases it when it ends, is interrupted, or its replica shuts down; a lock not refreshed
+//! for [`LOCK_TTL`] (a killed collector) is stale, and the next collector takes it over with
+//! a compare-and-swap (one of two wins). The sweep also keeps what the grace period covers:
+//! blobs whose pointer or any repository link is younger than it (uploads not yet
+//! referenced).
+//!
+//! Multipart uploads are aborted when their session is cancelled, fails a digest or expires;
+//! one left by a replica killed between creating it and saving its id is not listed by
+//! anyone, so give the bucket an `AbortIncompleteMultipartUpload` lifecycle rule (7 days).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
