@@ -945,7 +945,7 @@ async fn collect_s3(
             "--delete-untagged is not supported on S3 storage yet: untagged manifests stay"
         );
     }
-    let sweep = s3
+    let mut report = s3
         .collect(
             options.grace,
             options.dry_run,
@@ -959,26 +959,13 @@ async fn collect_s3(
             }
             other => GcError::Io(io::Error::other(other)),
         })?;
-    let report = GcReport {
-        dry_run: options.dry_run,
-        repositories: sweep.repositories,
-        manifests: sweep.manifests,
-        blobs_scanned: sweep.blobs_scanned,
-        blobs_referenced: sweep.blobs_referenced,
-        blobs_in_grace: sweep.blobs_in_grace,
-        blobs_deleted: sweep.blobs_deleted,
-        bytes_freed: sweep.bytes_freed,
-        bytes_kept: sweep.bytes_kept,
-        uploads_expired: sweep.uploads_expired,
-        seconds: started.elapsed().as_secs_f64(),
-        ..GcReport::default()
-    };
+    report.seconds = started.elapsed().as_secs_f64();
     if let Some(m) = metrics
         && !options.dry_run
     {
         m.set_storage(
-            (sweep.blobs_referenced + sweep.blobs_in_grace) as u64,
-            sweep.bytes_kept,
+            (report.blobs_referenced + report.blobs_in_grace) as u64,
+            report.bytes_kept,
         );
     }
     Ok(report)

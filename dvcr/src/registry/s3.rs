@@ -90,6 +90,7 @@ use sha2::{Digest as _, Sha256, Sha512};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::gc::GcReport;
 use super::names::{Algorithm, Digest, Reference};
 use super::storage::{Commit, Manifest, Result, StorageError};
 
@@ -209,6 +210,17 @@ fn part_size(index: usize) -> usize {
 struct Pointer {
     size: u64,
     object: String,
+}
+
+/// What a blob's pointer says about it.
+#[derive(Debug)]
+enum Existing {
+    /// No pointer.
+    None,
+    /// A pointer whose object exists.
+    Intact,
+    /// A pointer whose object is gone (a crash, a lost race); its version.
+    Broken(UpdateVersion),
 }
 
 /// `r/<name>/_m/...`.
@@ -1051,6 +1063,61 @@ impl S3Store {
         }
     }
 
+    /// Whether a blob exists with its bytes.
+    async fn intact_pointer(&self, d: &Digest) -> Result<Existing> {
+        Ok(match self.pointer(d).await? {
+            None => Existing::None,
+            Some((p, meta)) => {
+                if self.exists(&self.path(&p.object)).await?.is_some() {
+                    Existing::Intact
+                } else {
+                    Existing::Broken(UpdateVersion {
+                        e_tag: meta.e_tag,
+                        version: meta.version,
+                    })
+                }
+            }
+        })
+    }
+
+    /// Makes `object` (already written, verified) the bytes of blob `d`: creates its pointer,
+    /// or replaces a broken one with a compare-and-swap. When another writer's pointer won,
+    /// `object` is deleted; a create whose automatic retry found our own pointer keeps it.
+    async fn publish_pointer(
+        &self,
+        d: &Digest,
+        existing: Existing,
+        object: &str,
+        size: u64,
+    ) -> Result<()> {
+        let pointer = Pointer {
+            size,
+            object: object.to_owned(),
+        };
+        let json = serde_json::to_vec(&pointer).map_err(io)?;
+        let key = self.blob_key(d);
+        let published = match existing {
+            Existing::Broken(version) => {
+                let options = PutOptions {
+                    mode: PutMode::Update(version),
+                    ..Default::default()
+                };
+                self.store
+                    .put_opts(&key, json.into(), options)
+                    .await
+                    .is_ok()
+            }
+            Existing::None | Existing::Intact => self.create(&key, json).await?,
+        };
+        if !published {
+            let winner = self.pointer(d).await?.map(|(p, _)| p.object);
+            if winner.as_deref() != Some(object) {
+                let _ = self.delete_quiet(&self.path(object)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Verifies and publishes the blob; the session is removed unless a step failed that a
     /// retry of the `PUT` can redo.
     pub async fn commit(&self, id: Uuid, session: &mut S3Session, d: &Digest) -> Result<Commit> {
@@ -1079,48 +1146,15 @@ impl S3Store {
         }
         let _pin = self.pin().await?;
         let size = session.state.offset;
-        let ours = format!("d/{id}");
-        match self.pointer(d).await? {
-            Some((existing, meta))
-                if self.exists(&self.path(&existing.object)).await?.is_some() =>
-            {
+        match self.intact_pointer(d).await? {
+            Existing::Intact => {
                 // Same digest, same bytes: keep the existing ones.
-                drop(meta);
                 self.discard(id, &session.state).await;
             }
             existing => {
                 self.assemble(id, session).await?;
-                let pointer = Pointer {
-                    size,
-                    object: ours.clone(),
-                };
-                let json = serde_json::to_vec(&pointer).map_err(io)?;
-                let key = self.blob_key(d);
-                let created = match existing {
-                    // A pointer whose bytes are gone (a crash, a lost race): replace it.
-                    Some((_, meta)) => {
-                        let options = PutOptions {
-                            mode: PutMode::Update(UpdateVersion {
-                                e_tag: meta.e_tag,
-                                version: meta.version,
-                            }),
-                            ..Default::default()
-                        };
-                        self.store
-                            .put_opts(&key, json.into(), options)
-                            .await
-                            .is_ok()
-                    }
-                    None => self.create(&key, json).await?,
-                };
-                if !created {
-                    // Another upload of the same blob won, unless the create answered late
-                    // and its retry found our own pointer.
-                    let winner = self.pointer(d).await?.map(|(p, _)| p.object);
-                    if winner.as_deref() != Some(ours.as_str()) {
-                        let _ = self.delete_quiet(&data_key).await;
-                    }
-                }
+                self.publish_pointer(d, existing, &format!("d/{id}"), size)
+                    .await?;
                 self.remove_session_objects(id, &session.state).await;
             }
         }
@@ -1277,45 +1311,12 @@ impl S3Store {
         tag: Option<&str>,
         subject: Option<(&Digest, serde_json::Value)>,
     ) -> Result<()> {
-        let existing = self.pointer(&m.digest).await?;
-        let intact = match &existing {
-            Some((p, _)) => self.exists(&self.path(&p.object)).await?.is_some(),
-            None => false,
-        };
-        if !intact {
-            let id = Uuid::new_v4();
-            let object = format!("d/{id}");
+        let existing = self.intact_pointer(&m.digest).await?;
+        if !matches!(existing, Existing::Intact) {
+            let object = format!("d/{}", Uuid::new_v4());
             self.put(&self.path(&object), m.bytes.clone()).await?;
-            let pointer = Pointer {
-                size: m.bytes.len() as u64,
-                object: object.clone(),
-            };
-            let json = serde_json::to_vec(&pointer).map_err(io)?;
-            let key = self.blob_key(&m.digest);
-            let created = match existing {
-                Some((_, meta)) => {
-                    let options = PutOptions {
-                        mode: PutMode::Update(UpdateVersion {
-                            e_tag: meta.e_tag,
-                            version: meta.version,
-                        }),
-                        ..Default::default()
-                    };
-                    self.store
-                        .put_opts(&key, json.into(), options)
-                        .await
-                        .is_ok()
-                }
-                None => self.create(&key, json).await?,
-            };
-            let winner = if created {
-                None
-            } else {
-                self.pointer(&m.digest).await?.map(|(p, _)| p.object)
-            };
-            if !created && winner.as_deref() != Some(object.as_str()) {
-                let _ = self.delete_quiet(&self.path(&object)).await;
-            }
+            self.publish_pointer(&m.digest, existing, &object, m.bytes.len() as u64)
+                .await?;
         }
         self.put(&self.link_key(repository, &m.digest), Bytes::new())
             .await?;
@@ -1512,29 +1513,6 @@ impl S3Store {
     }
 }
 
-/// What a collection on the bucket found and did.
-#[derive(Debug, Default)]
-pub struct Sweep {
-    /// Repositories seen.
-    pub repositories: usize,
-    /// Manifest revisions (all are kept: `--delete-untagged` is for the filesystem only).
-    pub manifests: usize,
-    /// Blob pointers found.
-    pub blobs_scanned: usize,
-    /// Blobs a manifest reaches.
-    pub blobs_referenced: usize,
-    /// Unreferenced blobs kept by the grace period.
-    pub blobs_in_grace: usize,
-    /// Blobs deleted (or that would be, in a dry run).
-    pub blobs_deleted: usize,
-    /// Bytes of those.
-    pub bytes_freed: u64,
-    /// Bytes of the blobs that stay.
-    pub bytes_kept: u64,
-    /// Upload sessions removed.
-    pub uploads_expired: usize,
-}
-
 /// The collection lock this process holds: refreshed every [`LOCK_REFRESH`] by a task of its
 /// own with a compare-and-swap, so a collector that stops (killed, or its replica shut
 /// down) leaves a lock that goes stale in [`LOCK_TTL`], and a collector that stalled past
@@ -1688,7 +1666,7 @@ impl S3Store {
         dry_run: bool,
         upload_expiry: Duration,
         writer_wait: Duration,
-    ) -> Result<Sweep> {
+    ) -> Result<GcReport> {
         self.take_gc_lock().await?;
         let result = self
             .collect_locked(grace, dry_run, upload_expiry, writer_wait)
@@ -1703,9 +1681,12 @@ impl S3Store {
         dry_run: bool,
         upload_expiry: Duration,
         writer_wait: Duration,
-    ) -> Result<Sweep> {
+    ) -> Result<GcReport> {
         self.wait_for_pins(writer_wait).await?;
-        let mut sweep = Sweep::default();
+        let mut sweep = GcReport {
+            dry_run,
+            ..GcReport::default()
+        };
         if !dry_run {
             sweep.uploads_expired = self.expire_uploads(upload_expiry).await;
         }
