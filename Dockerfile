@@ -68,7 +68,7 @@ LABEL org.opencontainers.image.title="dvcr" \
 RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends ca-certificates; \
-    rm -rf /var/lib/apt/lists/*; \
+    apt-get clean; rm -rf /var/lib/apt/lists/*; \
     groupadd --system --gid 107 dvcr; \
     useradd --system --uid 107 --gid 107 --home-dir /var/lib/dvcr --no-create-home \
         --shell /usr/sbin/nologin dvcr; \

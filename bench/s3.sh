@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: DVCR on S3-compatible object storage (`s3s-fs` on WORK's disk, restarted empty
-# for every run), against DVCR and the CNCF Distribution registry (Debian `docker-registry`)
-# on the filesystem of the same disk, one after the other in the same run.
+# for every run), against the S3 server itself (`s3-raw`: curl's signed PUT and GET of the
+# same bytes, one object, no registry: the storage's own single-stream speed), and DVCR and
+# the CNCF Distribution registry (Debian `docker-registry`) on the filesystem of the same
+# disk, interleaved in the same run.
 # Distribution's own `s3` driver cannot run against s3s-fs: it lists multipart uploads
 # (ListMultipartUploads), which s3s-fs answers with 501 Not Implemented; DVCR keeps the
 # multipart upload id in its session state and never lists them. REGISTRIES may add
@@ -35,7 +37,7 @@ readonly AK=bench-access SK=bench-secret-key-0123456789 REPO=vi/ns/img
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { printf 'FATAL: %s\n' "$*" >&2; exit 1; }
-for t in curl openssl sha256sum docker-registry "$S3S_FS" /usr/bin/time split; do
+for t in curl openssl sha256sum docker-registry "$S3S_FS" /usr/bin/time split bc python3; do
     command -v "$t" >/dev/null || die "missing tool: $t"
 done
 
@@ -82,10 +84,16 @@ start_s3() {
     die "s3s-fs did not start"
 }
 
-start_registry() { # $1 = dvcr-s3|dvcr-fs|distribution-fs|distribution-s3
+start_registry() { # $1 = dvcr-s3|s3-raw|dvcr-fs|distribution-fs|distribution-s3
     REG_PORT=$(free_port)
     REG_TIME=$SCRATCH/time-$1
+    CURRENT=$1
     rm -rf "$SCRATCH/fs-root"
+    if [[ $1 == s3-raw ]]; then
+        # No registry: curl talks to the S3 server itself (the storage's own speed).
+        REG_PID=""
+        return
+    fi
     if [[ $1 == dvcr-fs ]]; then
         /usr/bin/time -v -o "$REG_TIME" "$DVCR" serve --listen "127.0.0.1:$REG_PORT" \
             --root "$SCRATCH/fs-root" --no-uploads >/dev/null 2>"$SCRATCH/reg.log" &
@@ -127,8 +135,10 @@ EOF
 
 stop_registry() {
     # /usr/bin/time's child is the registry: TERM it, then wait for time to write its report.
-    pkill -TERM -P "$REG_PID" 2>/dev/null || true
-    wait "$REG_PID" 2>/dev/null || true
+    if [[ -n $REG_PID ]]; then
+        pkill -TERM -P "$REG_PID" 2>/dev/null || true
+        wait "$REG_PID" 2>/dev/null || true
+    fi
     kill -TERM "$S3_PID" 2>/dev/null || true
     wait "$S3_PID" 2>/dev/null || true
 }
@@ -143,13 +153,19 @@ location() { # POST; prints the absolute upload URL
 }
 with_digest() { if [[ $1 == *\?* ]]; then echo "$1&digest=$2"; else echo "$1?digest=$2"; fi; }
 
+# Signed requests straight to the S3 server (s3-raw).
+s3_curl() { curl -sS -f --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"; }
+s3_url() { echo "http://127.0.0.1:$S3_PORT/bucket/$1"; }
+
 phase_push() {
+    if [[ $CURRENT == s3-raw ]]; then s3_curl -T "$BLOB" "$(s3_url raw)" -o /dev/null; return; fi
     local loc
     loc=$(location "$REPO")
     curl -sS -f -X PUT -H 'Content-Type: application/octet-stream' -T "$BLOB" \
         "$(with_digest "$loc" "$BLOB_DIGEST")" -o /dev/null
 }
 phase_chunked() {
+    [[ $CURRENT == s3-raw ]] && return 0 # not an S3 operation
     local loc start=0 f len
     loc=$(location "$REPO-chunked")
     for f in "$SCRATCH"/chunks/c*; do
@@ -163,12 +179,17 @@ phase_chunked() {
     curl -sS -f -X PUT "$(with_digest "$loc" "$BLOB_DIGEST")" -o /dev/null
 }
 phase_pull() {
+    if [[ $CURRENT == s3-raw ]]; then s3_curl "$(s3_url raw)" -o /dev/null; return; fi
     curl -sS -f -L "$(base)/v2/$REPO/blobs/$BLOB_DIGEST" -o /dev/null
 }
 phase_conc() {
     local i pids=() fail=0
     for i in $(seq 1 "$CONC"); do
         (
+            if [[ $CURRENT == s3-raw ]]; then
+                s3_curl -T "$SCRATCH/conc/$i" "$(s3_url "raw-$i")" -o /dev/null
+                exit
+            fi
             d=sha256:$(sha256sum "$SCRATCH/conc/$i" | cut -d' ' -f1)
             loc=$(location "$REPO-c$i")
             curl -sS -f -X PUT -T "$SCRATCH/conc/$i" "$(with_digest "$loc" "$d")" -o /dev/null
@@ -181,12 +202,15 @@ phase_conc() {
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-REGISTRIES=${REGISTRIES:-"dvcr-s3 dvcr-fs distribution-fs"}
+REGISTRIES=${REGISTRIES:-"dvcr-s3 s3-raw dvcr-fs distribution-fs"}
 declare -A T RSS
 for reg in $REGISTRIES; do
     for phase in push chunked pull conc; do : >"$SCRATCH/t-$reg-$phase"; done
     : >"$SCRATCH/rss-$reg"
-    for run in $(seq 1 "$RUNS"); do
+done
+# Runs interleave the registries, so that a change of load hits them alike.
+for run in $(seq 1 "$RUNS"); do
+    for reg in $REGISTRIES; do
         log "$reg run $run/$RUNS"
         start_s3
         start_registry "$reg"
@@ -197,10 +221,15 @@ for reg in $REGISTRIES; do
             echo "$t1 - $t0" | bc -l >>"$SCRATCH/t-$reg-$phase"
         done
         stop_registry
+        [[ $reg == s3-raw ]] && continue
         awk -F: '/Maximum resident set size/ {print $2/1024}' "$REG_TIME" >>"$SCRATCH/rss-$reg"
     done
+done
+for reg in $REGISTRIES; do
     for phase in push chunked pull conc; do T[$reg-$phase]=$(median <"$SCRATCH/t-$reg-$phase"); done
     RSS[$reg]=$(median <"$SCRATCH/rss-$reg")
+    [[ $reg == s3-raw ]] && T[$reg-chunked]=""
+    [[ $reg == s3-raw ]] && RSS[$reg]=
 done
 
 mb() { echo "scale=0; $1 / $2" | bc -l; }
@@ -220,14 +249,17 @@ for phase in push chunked pull conc; do
     [[ $phase == conc ]] && mib=$((CONC * CONC_MIB))
     row="| $phase | $mib |"
     for reg in $REGISTRIES; do
+        if [[ -z ${T[$reg-$phase]} ]]; then row+=" - | - |"; continue; fi
         row+=" $(printf '%.2f' "${T[$reg-$phase]}") | $(mb "$mib" "${T[$reg-$phase]}") |"
     done
     for reg in $REGISTRIES; do
-        [[ $reg == "$first" ]] || row+=" $(printf '%.2fx' "$(echo "${T[$reg-$phase]} / ${T[$first-$phase]}" | bc -l)") |"
+        [[ $reg == "$first" ]] && continue
+        if [[ -z ${T[$reg-$phase]} ]]; then row+=" - |"; continue; fi
+        row+=" $(printf '%.2fx' "$(echo "${T[$reg-$phase]} / ${T[$first-$phase]}" | bc -l)") |"
     done
     echo "$row"
 done
 echo
 printf 'Peak RSS of the server over a run (/usr/bin/time -v, median):'
-for reg in $REGISTRIES; do printf ' %s %.1f MiB;' "$reg" "${RSS[$reg]}"; done
+for reg in $REGISTRIES; do [[ -n ${RSS[$reg]} ]] && printf ' %s %.1f MiB;' "$reg" "${RSS[$reg]}"; done
 echo

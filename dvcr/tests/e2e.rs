@@ -784,3 +784,41 @@ fn every_user_path_works_with_dvcr_on_s3_object_storage() {
         "three images (disk, config, manifest each) live in the bucket: {keys:?}"
     );
 }
+
+/// The job binary takes no arguments: `--help` lists every variable the importer reads
+/// (names taken from its source), `--version` answers, and anything else is refused
+/// without starting an import.
+#[test]
+fn the_importer_job_binary_lists_its_variables_and_refuses_arguments() {
+    let bin = env!("CARGO_BIN_EXE_dvcr-importer");
+    let help = Command::new(bin).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../importer/src/env.rs"),
+    )
+    .unwrap();
+    let mut names: Vec<&str> = source
+        .split('"')
+        .filter(|s| {
+            (s.starts_with("IMPORTER_") || *s == "DESTINATION_INSECURE_TLS" || *s == "OWNER_UID")
+                && s.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 15, "{names:?}");
+    for name in names {
+        assert!(text.contains(name), "--help does not mention {name}");
+    }
+    let version = Command::new(bin).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("dvcr-importer "));
+    let wrong = Command::new(bin)
+        .arg("--source=http")
+        .env("IMPORTER_TERMINATION_LOG", "/nonexistent/dir/report")
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("takes no arguments"));
+}

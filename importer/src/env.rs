@@ -14,6 +14,7 @@
 //! | `IMPORTER_ACCESS_KEY_ID` / `IMPORTER_SECRET_KEY` | basic auth for HTTP |
 //! | `IMPORTER_AUTH_CONFIG` / `IMPORTER_DESTINATION_AUTH_CONFIG` | docker `config.json` paths |
 //! | `IMPORTER_CERT_DIR` | extra CA certificates (PEM files) for the source |
+//! | `IMPORTER_DESTINATION_CERT_DIR` | extra CA certificates (PEM files) for DVCR |
 //! | `IMPORTER_INSECURE_TLS` | `true`: the source registry may use any certificate or plain HTTP |
 //! | `DESTINATION_INSECURE_TLS` | `true`: DVCR may use any certificate or plain HTTP |
 //! | `IMPORTER_SCRATCH_DIR` | scratch space (default: the system temp dir) |

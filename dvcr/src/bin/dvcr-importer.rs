@@ -12,7 +12,58 @@ use std::sync::Arc;
 
 use dvcr_importer::report::{FinalReport, serve_gauges};
 
+/// What `--help` prints: the job takes no arguments, only the environment.
+const HELP: &str = "\
+dvcr-importer: one import, configured only by environment variables (the platform's job
+contract); the final report is one JSON line in IMPORTER_TERMINATION_LOG.
+
+Variables (the full table: importer/src/env.rs):
+  IMPORTER_SOURCE                 http | registry | dvcr | blockDevice | filesystem | blank
+  IMPORTER_ENDPOINT               the URL, image reference, device, path, or blank size
+  IMPORTER_DESTINATION_ENDPOINT   the DVCR image to create (host/repo:tag), or
+  IMPORTER_DESTINATION_PATH       a block device or a filesystem mount (disk.img inside)
+  IMPORTER_DESTINATION_FORMAT     raw (default) | qcow2
+  IMPORTER_DESTINATION_SIZE       the disk size (Kubernetes quantity)
+  IMPORTER_DESTINATION_IS_ZERO    true: the block device reads zero
+  IMPORTER_CHECKSUMS              sha256:<hex>,md5:<hex>,...
+  IMPORTER_ACCESS_KEY_ID, IMPORTER_SECRET_KEY      basic auth for HTTP
+  IMPORTER_AUTH_CONFIG, IMPORTER_DESTINATION_AUTH_CONFIG   docker config.json files
+  IMPORTER_CERT_DIR               extra CA certificates for the source
+  IMPORTER_DESTINATION_CERT_DIR   extra CA certificates for DVCR
+  IMPORTER_INSECURE_TLS, DESTINATION_INSECURE_TLS  any certificate or plain HTTP
+  IMPORTER_SCRATCH_DIR, IMPORTER_SCRATCH_LIMIT     scratch space for compressed sources
+  IMPORTER_PLATFORM               os/arch[/variant] from an image index
+  OWNER_UID                       the ownerUID label of the gauges
+  IMPORTER_METRICS_ADDR           where /metrics is served (default 0.0.0.0:8443; off)
+  IMPORTER_TERMINATION_LOG        the report file (default /dev/termination-log)
+  DVCR_LOG                        log filter (default info)
+
+Exit status: 0 on success and on permanent errors (in the report), non-zero on transient
+errors (the Job retries). For interactive use, see `dvcr import --help`.
+";
+
 fn main() -> ExitCode {
+    // The job takes no arguments; answer the usual questions instead of starting an
+    // import that fails for want of its variables.
+    if let Some(arg) = std::env::args().nth(1) {
+        return match arg.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                ExitCode::SUCCESS
+            }
+            "-V" | "--version" => {
+                println!("dvcr-importer {}", env!("CARGO_PKG_VERSION"));
+                ExitCode::SUCCESS
+            }
+            other => {
+                eprintln!(
+                    "dvcr-importer takes no arguments (got {other:?}): it is configured by \
+                     IMPORTER_* environment variables; --help lists them"
+                );
+                ExitCode::from(2)
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("DVCR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
