@@ -387,6 +387,22 @@ fn descriptor_digest(v: &Value) -> Option<Digest> {
     Digest::parse(v.get("digest")?.as_str()?).ok()
 }
 
+/// What a manifest names: the blobs it needs (its config and layers) and, for an index, the
+/// child manifests to follow. Both collectors (filesystem and S3) mark with it.
+pub(super) fn references(json: &Value) -> (Vec<Digest>, Vec<Digest>) {
+    let list = |key: &str| -> Vec<Digest> {
+        json.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(descriptor_digest)
+            .collect()
+    };
+    let mut blobs = list("layers");
+    blobs.extend(json.get("config").and_then(descriptor_digest));
+    (blobs, list("manifests"))
+}
+
 /// What the mark phase has reached: every digest, and the manifests already read.
 #[derive(Default)]
 struct Marks {
@@ -409,29 +425,10 @@ fn mark_manifest(layout: &Layout, d: &Digest, marks: &mut Marks, depth: usize) {
     let Some(json) = layout.manifest_json(d) else {
         return;
     };
-    let marked = &mut marks.marked;
-    if let Some(c) = json.get("config").and_then(descriptor_digest) {
-        marked.insert(c);
-    }
-    for l in json
-        .get("layers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(l) = descriptor_digest(l) {
-            marked.insert(l);
-        }
-    }
-    for m in json
-        .get("manifests")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(m) = descriptor_digest(m) {
-            mark_manifest(layout, &m, marks, depth + 1);
-        }
+    let (blobs, children) = references(&json);
+    marks.marked.extend(blobs);
+    for m in children {
+        mark_manifest(layout, &m, marks, depth + 1);
     }
 }
 

@@ -1743,34 +1743,9 @@ impl S3Store {
             let Some(json) = self.manifest_json(&d).await? else {
                 continue;
             };
-            let descriptor = |v: &serde_json::Value| {
-                v.get("digest")
-                    .and_then(serde_json::Value::as_str)
-                    .and_then(|s| Digest::parse(s).ok())
-            };
-            if let Some(c) = json.get("config").and_then(descriptor) {
-                marked.insert(c);
-            }
-            for l in json
-                .get("layers")
-                .and_then(serde_json::Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(l) = descriptor(l) {
-                    marked.insert(l);
-                }
-            }
-            for m in json
-                .get("manifests")
-                .and_then(serde_json::Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(m) = descriptor(m) {
-                    stack.push((m, depth + 1));
-                }
-            }
+            let (blobs, children) = super::gc::references(&json);
+            marked.extend(blobs);
+            stack.extend(children.into_iter().map(|m| (m, depth + 1)));
         }
         // Sweep the pointers; then the data objects no pointer names.
         let mut named = std::collections::HashSet::new();
