@@ -554,22 +554,22 @@ impl S3Store {
         format!("r/{repository}")
     }
 
-    fn link_key(&self, repository: &str, d: &Digest) -> Path {
+    /// `r/<name>/<part>/<alg>/<hex>`: a per-repository record of a digest.
+    fn repo_digest_key(&self, repository: &str, part: &str, d: &Digest) -> Path {
         self.path(&format!(
-            "{}/_l/{}/{}",
+            "{}/{part}/{}/{}",
             Self::repo(repository),
             d.algorithm().as_str(),
             d.hex()
         ))
     }
 
+    fn link_key(&self, repository: &str, d: &Digest) -> Path {
+        self.repo_digest_key(repository, "_l", d)
+    }
+
     fn revision_key(&self, repository: &str, d: &Digest) -> Path {
-        self.path(&format!(
-            "{}/_m/{}/{}",
-            Self::repo(repository),
-            d.algorithm().as_str(),
-            d.hex()
-        ))
+        self.repo_digest_key(repository, "_m", d)
     }
 
     fn tags_rel(repository: &str) -> String {
