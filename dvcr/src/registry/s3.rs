@@ -400,14 +400,6 @@ pub struct S3Store {
 impl S3Store {
     /// Connects (lazily: the first request proves the settings) to the bucket.
     pub fn connect(config: &S3Config) -> Result<Self> {
-        // Part buffers (8 or 128 MiB) come and go all the time. With glibc's adaptive
-        // threshold they end up on the heap after the first free and stay in the process
-        // after they are sent (measured: peak RSS 72 MiB for one 1 GiB push, 42 MiB with a
-        // fixed threshold); a fixed 1 MiB threshold maps each one and returns it when dropped.
-        // SAFETY: mallopt only changes allocator tuning; it is called before the registry
-        // starts its work, takes plain integers, and a refusal (0) leaves the defaults.
-        #[cfg(target_env = "gnu")]
-        let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)

@@ -226,10 +226,19 @@ pub enum Blob {
 /// way. Created by [`Storage::writer`]; call [`UploadWriter::finish`] even after an error.
 #[derive(Debug)]
 pub struct UploadWriter {
-    tx: Option<mpsc::Sender<Bytes>>,
-    /// Small frames gathered until [`COALESCE`] bytes.
-    gathered: bytes::BytesMut,
+    tx: Option<Feed>,
+    /// Frames gathered (by reference, not copied) until [`COALESCE`] bytes.
+    gathered: Vec<Bytes>,
+    gathered_len: usize,
     handle: WriterTask,
+}
+
+/// Where gathered frames go: the file writer takes them as they are (one `writev`, no copy
+/// in user space); object storage takes one piece (it copies into its part buffers anyway).
+#[derive(Debug)]
+enum Feed {
+    File(mpsc::Sender<Vec<Bytes>>),
+    S3(mpsc::Sender<Bytes>),
 }
 
 #[derive(Debug)]
@@ -249,20 +258,33 @@ impl UploadWriter {
     /// Queues bytes; waits while the writer is behind (backpressure). Err when the writer
     /// stopped on an I/O error (then [`finish`](Self::finish) reports it).
     pub async fn write(&mut self, data: Bytes) -> Result<(), ()> {
-        if self.gathered.is_empty() && data.len() >= COALESCE {
-            return self.send(data).await;
-        }
-        self.gathered.extend_from_slice(&data);
-        if self.gathered.len() >= COALESCE {
-            let piece = self.gathered.split().freeze();
-            return self.send(piece).await;
+        self.gathered_len += data.len();
+        self.gathered.push(data);
+        if self.gathered_len >= COALESCE {
+            return self.send().await;
         }
         Ok(())
     }
 
-    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+    /// Hands the gathered frames to the writer.
+    async fn send(&mut self) -> Result<(), ()> {
+        let frames = std::mem::take(&mut self.gathered);
+        let len = std::mem::take(&mut self.gathered_len);
         match &self.tx {
-            Some(tx) => tx.send(data).await.map_err(|_| ()),
+            Some(Feed::File(tx)) => tx.send(frames).await.map_err(|_| ()),
+            Some(Feed::S3(tx)) => {
+                let piece = match <[Bytes; 1]>::try_from(frames) {
+                    Ok([one]) => one,
+                    Err(frames) => {
+                        let mut joined = bytes::BytesMut::with_capacity(len);
+                        for f in &frames {
+                            joined.extend_from_slice(f);
+                        }
+                        joined.freeze()
+                    }
+                };
+                tx.send(piece).await.map_err(|_| ())
+            }
             None => Err(()),
         }
     }
@@ -270,9 +292,8 @@ impl UploadWriter {
     /// Flushes what was queued and brings the session up to date; the error if any.
     pub async fn finish(mut self, session: &mut Session) -> Result<()> {
         if !self.gathered.is_empty() {
-            let rest = self.gathered.split().freeze();
             // A writer that stopped reports its error below.
-            let _ = self.send(rest).await;
+            let _ = self.send().await;
         }
         self.tx = None;
         let handle = match self.handle {
@@ -298,6 +319,24 @@ impl UploadWriter {
             None => Ok(()),
         }
     }
+}
+
+/// Writes every frame with `writev`, in groups the kernel accepts (`IOV_MAX` is 1024).
+fn write_all_frames(file: &mut File, frames: &[Bytes]) -> io::Result<()> {
+    const GROUP: usize = 512;
+    let mut slices: Vec<io::IoSlice<'_>> = frames.iter().map(|f| io::IoSlice::new(f)).collect();
+    let mut left: &mut [io::IoSlice<'_>] = &mut slices;
+    io::IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        let group = left.len().min(GROUP);
+        match file.write_vectored(&left[..group]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn now_secs() -> u64 {
@@ -777,12 +816,13 @@ impl Storage {
             session.s3_advanced = false;
             let (tx, handle) = s3.writer(session.id, state, limit);
             return UploadWriter {
-                tx: Some(tx),
-                gathered: bytes::BytesMut::new(),
+                tx: Some(Feed::S3(tx)),
+                gathered: Vec::new(),
+                gathered_len: 0,
                 handle: WriterTask::S3(handle),
             };
         }
-        let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
         let path = self.upload_dir(session.id).join("data");
         let start = session.offset;
         let sha = session.sha256.take();
@@ -799,25 +839,17 @@ impl Storage {
                 if hasher.is_none() {
                     hasher = Some(hash_file::<Sha256>(&path, start)?);
                 }
-                let mut buf: Vec<u8> = Vec::with_capacity(IO_BUFFER);
-                while let Some(chunk) = rx.blocking_recv() {
+                // The frames are hashed and written where they are (the request body's
+                // own buffers): no copy in user space.
+                while let Some(frames) = rx.blocking_recv() {
                     if let Some(h) = hasher.as_mut() {
-                        h.update(&chunk);
+                        for f in &frames {
+                            h.update(f);
+                        }
                     }
-                    if buf.len() + chunk.len() > IO_BUFFER && !buf.is_empty() {
-                        file.write_all(&buf)?;
-                        written += buf.len() as u64;
-                        buf.clear();
-                    }
-                    if chunk.len() >= IO_BUFFER {
-                        file.write_all(&chunk)?;
-                        written += chunk.len() as u64;
-                    } else {
-                        buf.extend_from_slice(&chunk);
-                    }
+                    write_all_frames(&mut file, &frames)?;
+                    written += frames.iter().map(|f| f.len() as u64).sum::<u64>();
                 }
-                file.write_all(&buf)?;
-                written += buf.len() as u64;
                 Ok(())
             })();
             match run {
@@ -836,8 +868,9 @@ impl Storage {
             }
         });
         UploadWriter {
-            tx: Some(tx),
-            gathered: bytes::BytesMut::new(),
+            tx: Some(Feed::File(tx)),
+            gathered: Vec::new(),
+            gathered_len: 0,
             handle: WriterTask::File(handle),
         }
     }
@@ -1323,6 +1356,20 @@ mod tests {
         Storage::open(dir, StorageOptions { max_uploads: 4 })
             .await
             .unwrap()
+    }
+
+    #[test]
+    fn more_frames_than_one_writev_takes_are_all_written_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let mut file = File::create(&path).unwrap();
+        // 1500 frames of 1-7 bytes: three writev groups, uneven lengths.
+        let frames: Vec<Bytes> = (0..1500u32)
+            .map(|i| Bytes::from(vec![(i % 251) as u8; (i % 7 + 1) as usize]))
+            .collect();
+        write_all_frames(&mut file, &frames).unwrap();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        assert_eq!(fs::read(&path).unwrap(), expected);
     }
 
     async fn push(s: &Storage, repo: &str, parts: &[&[u8]], digest: &Digest) -> Commit {

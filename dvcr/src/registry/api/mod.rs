@@ -257,11 +257,27 @@ pub enum BodyError {
 /// The next data chunk of a body: Ok(None) at the end; waits at most `idle` for it.
 pub async fn next_chunk(body: &mut Body, idle: Duration) -> Result<Option<Bytes>, BodyError> {
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(BodyError::Idle),
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
-            Ok(Some(Ok(frame))) => frame,
+        // A frame already buffered is taken without arming a timer: clients that send small
+        // frames (skopeo: 32 KiB) would otherwise cost a timer entry per frame.
+        let mut pending = body.frame();
+        let ready = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut pending).poll(cx) {
+                std::task::Poll::Ready(frame) => Some(frame),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        let next = match ready {
+            Some(frame) => frame,
+            None => match tokio::time::timeout(idle, pending).await {
+                Err(_) => return Err(BodyError::Idle),
+                Ok(frame) => frame,
+            },
+        };
+        let frame = match next {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(BodyError::Broken(e.to_string())),
+            Some(Ok(frame)) => frame,
         };
         if let Ok(data) = frame.into_data()
             && !data.is_empty()
