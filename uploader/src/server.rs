@@ -16,26 +16,23 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use dvcr_importer::checksum::Expected;
 use dvcr_importer::oci::{Reference, RegistryOptions};
 use dvcr_importer::report::{FinalReport, Progress};
 use dvcr_importer::{Destination, DiskFormat, ErrorKind, ImportError, Job, Outcome, Source};
 use futures_util::StreamExt;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::multipart::{self, FilePart};
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolWriter};
 use crate::token::{Claims, Signer};
 
 /// The header carrying how many bytes of the upload are durably received.
 pub const UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
 /// The header carrying the upload's total size, once known.
 pub const UPLOAD_LENGTH: HeaderName = HeaderName::from_static("upload-length");
-/// Received bytes are fsynced and handed to the pipeline at least this often.
-const PUBLISH_EVERY: u64 = 4 << 20;
-
 /// Where uploaded images go.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -878,13 +875,26 @@ impl Uploader {
                 )
                 .await;
         }
-        self.stream_body(file, spool, start, boundary, body).await
+        spool.rewind(start);
+        let writer = match SpoolWriter::start(file.into_std().await, Arc::clone(&spool), start) {
+            Ok(w) => w,
+            Err(e) => {
+                return self
+                    .fail_settled(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot start writing the spool file: {e}"),
+                    )
+                    .await;
+            }
+        };
+        self.stream_body(writer, &spool, start, boundary, body)
+            .await
     }
 
     async fn stream_body(
         &self,
-        mut file: tokio::fs::File,
-        spool: Arc<Spool>,
+        mut writer: SpoolWriter,
+        spool: &Spool,
         start: u64,
         boundary: Option<String>,
         body: Body,
@@ -893,7 +903,6 @@ impl Uploader {
         let mut part = boundary.as_deref().map(FilePart::new);
         let mut extracted = Vec::new();
         let mut written = start;
-        let mut published = start;
         let mut stream = body.into_data_stream();
         let declared = self.lock().upload.as_ref().and_then(|u| u.total);
         loop {
@@ -901,7 +910,21 @@ impl Uploader {
                 None => break,
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => {
-                    let kept = sync(&mut file, &spool, written).await.unwrap_or(published);
+                    // Every written byte becomes durable before the offset is given out:
+                    // the pipeline may already have read them.
+                    let kept = match writer.finish().await {
+                        Ok(n) => n,
+                        Err(sync_error) => {
+                            return self
+                                .fail_settled(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    format!(
+                                        "the upload broke off ({e}) and the spool file cannot be kept: {sync_error}; check --spool-dir"
+                                    ),
+                                )
+                                .await;
+                        }
+                    };
                     tracing::warn!(error = %e, received = kept, "the upload broke off; it can be resumed");
                     return with_offset(
                         text(
@@ -917,7 +940,7 @@ impl Uploader {
             if let Some(r) = self.failure_response() {
                 return r;
             }
-            let data: &[u8] = match &mut part {
+            let data: Bytes = match &mut part {
                 Some(p) => {
                     extracted.clear();
                     if let Err(e) = p.push(&chunk, &mut extracted) {
@@ -925,9 +948,9 @@ impl Uploader {
                             .fail_settled(StatusCode::BAD_REQUEST, e.to_string())
                             .await;
                     }
-                    &extracted
+                    Bytes::copy_from_slice(&extracted)
                 }
-                None => &chunk,
+                None => chunk,
             };
             let next = written.saturating_add(data.len() as u64);
             if let Some(max) = max_size
@@ -953,7 +976,23 @@ impl Uploader {
                     )
                     .await;
             }
-            if let Err(e) = file.write_all(data).await {
+            if writer.write(data).await.is_err() {
+                // The writer stopped; finishing says why.
+                break;
+            }
+            written = next;
+        }
+        match writer.finish().await {
+            Ok(n) if n == written => {}
+            Ok(n) => {
+                return self
+                    .fail_settled(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the spool file holds {n} bytes, not the {written} received"),
+                    )
+                    .await;
+            }
+            Err(e) => {
                 return self
                     .fail_settled(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -961,28 +1000,6 @@ impl Uploader {
                     )
                     .await;
             }
-            written = next;
-            if written - published >= PUBLISH_EVERY {
-                match sync(&mut file, &spool, written).await {
-                    Ok(n) => published = n,
-                    Err(e) => {
-                        return self
-                            .fail_settled(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("cannot sync the spool file: {e}"),
-                            )
-                            .await;
-                    }
-                }
-            }
-        }
-        if let Err(e) = sync(&mut file, &spool, written).await {
-            return self
-                .fail_settled(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot sync the spool file: {e}"),
-                )
-                .await;
         }
         if let Some(p) = &part
             && !p.is_done()
@@ -1033,14 +1050,6 @@ async fn positioned(file: &mut tokio::fs::File, start: u64) -> std::io::Result<(
     file.set_len(start).await?;
     file.seek(std::io::SeekFrom::Start(start)).await?;
     Ok(())
-}
-
-/// Flushes and fsyncs the spool file, then lets the pipeline and `HEAD` see `len` bytes.
-async fn sync(file: &mut tokio::fs::File, spool: &Spool, len: u64) -> std::io::Result<u64> {
-    file.flush().await?;
-    file.sync_data().await?;
-    spool.publish(len);
-    Ok(len)
 }
 
 async fn upload(

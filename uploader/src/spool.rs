@@ -3,14 +3,21 @@
 //!
 //! The spool is what makes uploads resumable without sending anything twice: the
 //! offset a client resumes from is the spool's *durable* length (fsynced before it is
-//! published), and the pipeline's [`TailReader`] only ever sees durable bytes, waiting for
-//! more until the upload is complete (end of file) or failed (an error).
+//! published). Bytes are written by a [`SpoolWriter`] on a thread of its own and fsynced by
+//! another, so receiving never waits for the disk to flush; the pipeline's [`TailReader`]
+//! reads what was written (from the page cache), waiting for more until the upload is
+//! complete (end of file) or failed (an error). A request that breaks off makes every
+//! written byte durable before it answers with the offset to resume from, so a resumed
+//! request never rewrites bytes the pipeline has already read.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
 
 /// The shared state of one upload's spool file.
 #[derive(Debug)]
@@ -22,6 +29,9 @@ pub struct Spool {
 
 #[derive(Debug, Default)]
 struct SpoolState {
+    /// Bytes written to the file (the reader may read them).
+    written: u64,
+    /// Bytes fsynced (a client may resume after them).
     durable: u64,
     complete: bool,
     failed: Option<String>,
@@ -56,7 +66,22 @@ impl Spool {
     pub fn publish(&self, len: u64) {
         let mut s = self.lock();
         s.durable = s.durable.max(len);
+        s.written = s.written.max(len);
         self.grown.notify_all();
+    }
+
+    /// Records that the first `len` bytes are written (not yet fsynced) and wakes the reader.
+    pub fn advance(&self, len: u64) {
+        let mut s = self.lock();
+        s.written = s.written.max(len);
+        self.grown.notify_all();
+    }
+
+    /// Goes back to `len` durable bytes before a resumed request overwrites the rest.
+    pub fn rewind(&self, len: u64) {
+        let mut s = self.lock();
+        s.written = len;
+        s.durable = s.durable.min(len);
     }
 
     /// Records that every byte has arrived: the reader sees the end after the last one.
@@ -110,8 +135,8 @@ impl Read for TailReader {
                 if let Some(why) = &s.failed {
                     return Err(io::Error::other(why.clone()));
                 }
-                if s.durable > self.pos {
-                    break s.durable - self.pos;
+                if s.written > self.pos {
+                    break s.written - self.pos;
                 }
                 if s.complete {
                     return Ok(0);
@@ -131,6 +156,235 @@ impl Read for TailReader {
         }
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+/// Bytes gathered before they cross to the writer thread.
+const GATHER: usize = 1 << 20;
+/// Gathered batches queued for the writer thread (with [`GATHER`], the memory a slow disk
+/// can make the upload hold).
+const QUEUE: usize = 4;
+/// Written bytes not yet fsynced after which the sync thread flushes.
+const SYNC_EVERY: u64 = 16 << 20;
+/// A slow upload's bytes are flushed at least this often (the offset a client can resume
+/// from, and the progress it is shown, lag no more than this).
+const SYNC_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Appends an upload's bytes to its spool file on a thread of its own, and fsyncs them on
+/// another (published as durable when the flush covering them ends). Call
+/// [`SpoolWriter::finish`] to make every byte durable; dropping it instead stops both threads
+/// (what was written stays, what was fsynced stays durable).
+#[derive(Debug)]
+pub struct SpoolWriter {
+    tx: Option<tokio::sync::mpsc::Sender<Vec<Bytes>>>,
+    gathered: Vec<Bytes>,
+    gathered_len: usize,
+    writer: Option<JoinHandle<io::Result<u64>>>,
+    syncer: Arc<Syncer>,
+    sync_thread: Option<JoinHandle<()>>,
+    file: Arc<File>,
+    spool: Arc<Spool>,
+}
+
+/// What the sync thread is asked to do.
+#[derive(Debug, Default)]
+struct SyncRequest {
+    /// Written length the next flush should cover.
+    wanted: u64,
+    /// Length covered by the last flush.
+    done: u64,
+    stop: bool,
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Syncer {
+    state: Mutex<SyncRequest>,
+    wake: Condvar,
+}
+
+impl Syncer {
+    fn lock(&self) -> MutexGuard<'_, SyncRequest> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_all();
+    }
+}
+
+impl SpoolWriter {
+    /// Starts appending to `file` (positioned at `start`, the spool's durable length).
+    pub fn start(file: File, spool: Arc<Spool>, start: u64) -> io::Result<Self> {
+        let file = Arc::new(file);
+        let syncer = Arc::new(Syncer::default());
+        {
+            let mut s = syncer.lock();
+            s.wanted = start;
+            s.done = start;
+        }
+        let sync_thread = {
+            let (file, spool, syncer) =
+                (Arc::clone(&file), Arc::clone(&spool), Arc::clone(&syncer));
+            std::thread::Builder::new()
+                .name("spool-sync".into())
+                .spawn(move || sync_loop(&file, &spool, &syncer))?
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(QUEUE);
+        let spawned = {
+            let (file, spool, syncer) =
+                (Arc::clone(&file), Arc::clone(&spool), Arc::clone(&syncer));
+            std::thread::Builder::new()
+                .name("spool-write".into())
+                .spawn(move || -> io::Result<u64> {
+                    let mut written = start;
+                    let mut out: &File = &file;
+                    while let Some(frames) = rx.blocking_recv() {
+                        for f in &frames {
+                            out.write_all(f)?;
+                            written += f.len() as u64;
+                        }
+                        spool.advance(written);
+                        let mut s = syncer.lock();
+                        if written - s.wanted >= SYNC_EVERY {
+                            s.wanted = written;
+                            syncer.wake.notify_all();
+                        }
+                    }
+                    Ok(written)
+                })
+        };
+        let writer = match spawned {
+            Ok(w) => w,
+            Err(e) => {
+                syncer.stop();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            tx: Some(tx),
+            gathered: Vec::new(),
+            gathered_len: 0,
+            writer: Some(writer),
+            syncer,
+            sync_thread: Some(sync_thread),
+            file,
+            spool,
+        })
+    }
+
+    /// Queues `data` (waits while the writer is behind). An error when the writer stopped:
+    /// [`SpoolWriter::finish`] then says why.
+    pub async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.gathered_len += data.len();
+        self.gathered.push(data);
+        if self.gathered_len >= GATHER {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self) -> io::Result<()> {
+        let frames = std::mem::take(&mut self.gathered);
+        self.gathered_len = 0;
+        let sent = match &self.tx {
+            Some(tx) => tx.send(frames).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(io::Error::other("the spool writer stopped"))
+        }
+    }
+
+    /// Writes what is queued, fsyncs the file and publishes every byte as durable: the
+    /// spool's length, or the first error (of the writes or of a flush).
+    pub async fn finish(mut self) -> io::Result<u64> {
+        if !self.gathered.is_empty() {
+            // A stopped writer reports its error when joined.
+            let _ = self.send().await;
+        }
+        self.tx = None;
+        let writer = self.writer.take();
+        let sync_thread = self.sync_thread.take();
+        let (file, spool, syncer) = (
+            Arc::clone(&self.file),
+            Arc::clone(&self.spool),
+            Arc::clone(&self.syncer),
+        );
+        tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let joined = match writer {
+                Some(w) => w
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("the spool writer panicked"))),
+                None => Err(io::Error::other("the spool writer is gone")),
+            };
+            syncer.stop();
+            if let Some(t) = sync_thread {
+                let _ = t.join();
+            }
+            let written = joined?;
+            if let Some(e) = syncer.lock().error.take() {
+                return Err(io::Error::other(e));
+            }
+            file.sync_data()?;
+            spool.publish(written);
+            Ok(written)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer thread; the sync thread is told to stop. Neither
+        // is joined here (this may run on the reactor).
+        self.tx = None;
+        self.syncer.stop();
+    }
+}
+
+/// The sync thread: flushes whenever the writer asked for it or [`SYNC_PERIOD`] passed with
+/// bytes written, publishing what each flush covered, until told to stop.
+fn sync_loop(file: &File, spool: &Spool, syncer: &Syncer) {
+    loop {
+        let target = {
+            let mut s = syncer.lock();
+            loop {
+                if s.stop {
+                    return;
+                }
+                if s.wanted > s.done {
+                    break s.wanted;
+                }
+                let (next, waited) = syncer
+                    .wake
+                    .wait_timeout(s, SYNC_PERIOD)
+                    .unwrap_or_else(|p| p.into_inner());
+                s = next;
+                if waited.timed_out() {
+                    // Bytes written since the last flush, however few.
+                    let written = spool.lock().written;
+                    if written > s.done {
+                        s.wanted = s.wanted.max(written);
+                    }
+                }
+            }
+        };
+        // Everything written before this call is covered by it.
+        match file.sync_data() {
+            Ok(()) => {
+                spool.publish(target);
+                syncer.lock().done = target;
+            }
+            Err(e) => {
+                syncer.lock().error = Some(format!("cannot sync the spool file: {e}"));
+                return;
+            }
+        }
     }
 }
 
@@ -160,6 +414,54 @@ mod tests {
         spool.publish(11);
         spool.complete();
         assert_eq!(handle.join().unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn written_bytes_reach_the_reader_before_they_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let mut file = File::create(&path).unwrap();
+        let spool = Arc::new(Spool::new(path));
+        let mut reader = spool.reader().unwrap();
+        file.write_all(b"abcdef").unwrap();
+        spool.advance(4);
+        let mut buf = [0u8; 16];
+        assert_eq!(reader.read(&mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"abcd");
+        assert_eq!(spool.durable(), 0, "advance must not claim durability");
+        spool.publish(6);
+        assert_eq!(spool.durable(), 6);
+        assert_eq!(reader.read(&mut buf).unwrap(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_spool_writer_appends_every_byte_and_finishes_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(b"0123").unwrap();
+        let spool = Arc::new(Spool::new(path.clone()));
+        spool.publish(4);
+        let mut reader = spool.reader().unwrap();
+        let read_all = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut writer = SpoolWriter::start(file, Arc::clone(&spool), 4).unwrap();
+        // 40 MiB in uneven frames: several gathered batches and at least two flushes.
+        let mut expected = b"0123".to_vec();
+        for i in 0..700u32 {
+            let frame: Vec<u8> = (0..60_000u32).map(|j| (i * 7 + j) as u8).collect();
+            expected.extend_from_slice(&frame);
+            writer.write(Bytes::from(frame)).await.unwrap();
+        }
+        let len = writer.finish().await.unwrap();
+        assert_eq!(len, expected.len() as u64);
+        assert_eq!(spool.durable(), len);
+        spool.complete();
+        assert_eq!(read_all.join().unwrap(), expected);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 
     #[test]
