@@ -107,7 +107,8 @@ pub fn decode(
     // Unwrapping runs a few chunks ahead on a thread of its own, so that decompression and
     // decoding use two cores. An uncompressed source is read directly: a second thread
     // would only add a copy between cores (measured: 3x slower from the page cache), and
-    // files get their I/O overlap from kernel prefetch (`stream::SequentialFile`).
+    // files get their I/O overlap from `stream::SequentialFile` (direct reads on reader
+    // threads for a cold file, kernel prefetch for a cached one).
     let (inner, random): (BoxRead, _) = if compression.is_empty() {
         (Box::new(inner), random)
     } else {

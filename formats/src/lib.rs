@@ -18,6 +18,7 @@
 pub mod compress;
 pub mod decode;
 pub mod detect;
+mod direct;
 pub mod error;
 pub mod iso;
 pub mod pending;
