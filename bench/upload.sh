@@ -7,8 +7,9 @@
 #
 # The image is a qcow2 of SIZE_GIB GiB of incompressible data (generated once, cached under
 # bench/work). Goals (issue 6): throughput at least 60% of (1); the uploader's peak RSS flat
-# (it does not grow with the upload). The spool directory (received bytes, fsynced, for
-# resumable uploads) is on SPOOL (default: the work directory's disk). Report on stdout:
+# (it does not grow with the upload). Received bytes go straight through the pipeline; the
+# uploader's scratch directory (--spool-dir, used only for compressed uploads) is on SPOOL
+# (default: the work directory's disk). Report on stdout:
 #
 #   bench/upload.sh | tee bench/results-upload.md
 #   SIZE_GIB=1 RUNS=1 bench/upload.sh                 # quick run
@@ -125,7 +126,7 @@ cat <<EOF
 - Command: \`SIZE_GIB=$SIZE_GIB RUNS=$RUNS bench/upload.sh\`
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC'); dvcr $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)
 - Machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM; load average $LOAD_START at the start, $(cut -d " " -f 1-3 /proc/loadavg) at the end
-- Image: qcow2 of $SIZE_GIB GiB of incompressible data, $((IMAGE_BYTES / 1048576)) MiB; curl, dvcr-uploader and dvcr serve (root on tmpfs) on loopback; spool on $(df --output=fstype "$SPOOL" | tail -1)
+- Image: qcow2 of $SIZE_GIB GiB of incompressible data, $((IMAGE_BYTES / 1048576)) MiB; curl, dvcr-uploader and dvcr serve (root on tmpfs) on loopback; uploader scratch directory on $(df --output=fstype "$SPOOL" | tail -1) (unused: the image is not compressed)
 - Times: median wall seconds of $RUNS run(s), from the first byte sent to the answer (image stored)
 
 | measurement | seconds | MiB/s | uploader peak RSS MiB | uploader RSS sampled MiB |
@@ -134,7 +135,7 @@ cat <<EOF
 | curl -T -> dvcr-uploader -> DVCR | $UP | $(mbps "$UP") | $PEAK | ${SAMPLED% } |
 
 The upload reaches **${SHARE}%** of the single-stream SHA-256 ceiling (goal: at least 60%).
-Every byte is written to the spool (fsynced, so an interrupted upload resumes), read back by
-the importer pipeline, hashed there and hashed again by the registry; here all of that and
-curl share the machine's $(nproc) cores.
+Every byte goes from the request body through the importer pipeline (checked, hashed to name
+the layer) to the registry, which hashes it again to verify it; here curl, the uploader and
+the registry share the machine's $(nproc) cores.
 EOF

@@ -30,6 +30,7 @@ struct Uploader {
     addr: String,
     key: PathBuf,
     termination_log: PathBuf,
+    spool: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -91,6 +92,7 @@ impl Uploader {
             addr,
             key,
             termination_log,
+            spool,
             _dir: dir,
         }
     }
@@ -279,6 +281,34 @@ fn a_multipart_form_upload_stores_the_file_part() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"format\":\"qcow2\""), "{body}");
     assert_artifact_equals(&registry, "vi/ns/form:uid-3", &image, &scratch);
+}
+
+#[test]
+fn an_upload_streams_through_the_pipeline_without_a_copy_on_disk() {
+    let scratch = Scratch::new();
+    let image = qcow2_image(&scratch);
+    let registry = Registry::start();
+    let up = Uploader::start(&registry, &[]);
+    let url = up.url("vi/ns/direct:uid-9", "1h");
+    let mut slow = Command::new("curl")
+        .args(["-sS", "--limit-rate", "2M", "-T", s(&image), &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    up.wait_status("several MiB to arrive", |s| {
+        s["phase"] == "Provisioning" && s["received"].as_u64().unwrap_or(0) > 4 << 20
+    });
+    let files: Vec<_> = std::fs::read_dir(&up.spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files.is_empty(),
+        "received bytes went to the spool directory: {files:?}"
+    );
+    assert!(slow.wait().unwrap().success());
+    assert!(has_tag(&registry, "vi/ns/direct", "uid-9"));
 }
 
 #[test]

@@ -23,8 +23,8 @@
 //!   that is damaged, unsafe or does not match `--checksum`; 413 beyond `--max-size`; 400
 //!   for a body that is not what was declared). A request while another one is sending
 //!   bytes → 503; after the image is stored → 409.
-//! - Resuming: every received byte is appended to a spool file and fsynced before its
-//!   offset is reported. `HEAD /upload/<token>` answers `Upload-Offset: N` (and
+//! - Resuming: every received byte goes to the pipeline, which keeps its place while the
+//!   server runs. `HEAD /upload/<token>` answers `Upload-Offset: N` (and
 //!   `Upload-Length` once known). The rest is sent with `Content-Range: bytes N-*/*` or
 //!   `bytes N-M/TOTAL`; another start than `N` → 416 with `Upload-Offset`. The upload is
 //!   complete when the byte at `TOTAL - 1` arrived (TOTAL from the Content-Range, or from
@@ -36,8 +36,9 @@
 //!   "stored": bytes, "unpacked": bytes, "received": bytes, "format": ..., "cdrom": bool,
 //!   "error": ...}`.
 //!
-//! The pipeline reads the spool file as it grows (waiting for more bytes until the upload
-//! is complete), so it streams while bytes arrive and nothing is ever sent twice. On the
+//! The pipeline reads the received bytes from a bounded queue in memory (waiting for more
+//! until the upload is complete): it streams while bytes arrive, writes no copy of them
+//! anywhere but the destination, and nothing is ever sent twice. On the
 //! way into DVCR (which stores images as they are) the pipeline also decodes images with
 //! tables without keeping the result, so a truncated or damaged image fails with 422
 //! instead of being published.

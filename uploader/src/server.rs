@@ -1,10 +1,11 @@
 //! The per-image upload server: the routes, the one upload slot, and the importer
-//! pipeline fed from the spool.
+//! pipeline fed from the request bodies.
 //!
 //! One server receives one image. The first accepted request creates the upload: a spool
-//! file and an importer pipeline (on its own thread) reading it as it grows. Requests
-//! after a broken connection resume it; a request while bytes are flowing gets 503; once
-//! the image is stored every upload gets 409. See the crate docs for the protocol.
+//! (the in-memory queue of received bytes) and an importer pipeline (on its own thread)
+//! reading it as bytes arrive. Requests after a broken connection resume it where it
+//! stopped; a request while bytes are flowing gets 503; once the image is stored every
+//! upload gets 409. See the crate docs for the protocol.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,10 +27,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::multipart::{self, FilePart};
-use crate::spool::{Spool, SpoolWriter};
+use crate::spool::Spool;
 use crate::token::{Claims, Signer};
 
-/// The header carrying how many bytes of the upload are durably received.
+/// The header carrying how many bytes of the upload were received.
 pub const UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
 /// The header carrying the upload's total size, once known.
 pub const UPLOAD_LENGTH: HeaderName = HeaderName::from_static("upload-length");
@@ -58,7 +59,8 @@ pub struct Config {
     pub checksums: Vec<Expected>,
     /// Largest accepted upload in bytes.
     pub max_size: Option<u64>,
-    /// Where the spool file (and any scratch data) lives.
+    /// Where scratch data goes: a compressed upload (unknown unpacked size) is measured
+    /// there before it is stored, as any import of one is.
     pub spool_dir: PathBuf,
     /// Where the final report goes.
     pub termination_log: Option<PathBuf>,
@@ -96,7 +98,7 @@ pub struct Status {
     pub stored: u64,
     /// The unpacked (virtual) size once ready, else 0.
     pub unpacked: u64,
-    /// Bytes durably received from the client.
+    /// Bytes received from the client.
     pub received: u64,
     /// The image format once known.
     pub format: Option<String>,
@@ -324,7 +326,7 @@ impl Uploader {
     /// The current status.
     pub fn status(&self) -> Status {
         let inner = self.lock();
-        let received = inner.upload.as_ref().map_or(0, |u| u.spool.durable());
+        let received = inner.upload.as_ref().map_or(0, |u| u.spool.received());
         let received = match (&inner.upload, inner.phase) {
             (Some(u), Phase::Ready) => u.total.unwrap_or(received),
             _ => received,
@@ -474,8 +476,7 @@ impl Uploader {
         let config = &self.0.config;
         let mut job = Job::new(
             Source::Reader {
-                // Replaced on the pipeline thread: opening the file is blocking I/O.
-                reader: Box::new(std::io::empty()),
+                reader: Box::new(spool.reader()),
                 length,
                 name: "the upload".into(),
             },
@@ -488,20 +489,7 @@ impl Uploader {
         let spawned = std::thread::Builder::new()
             .name("upload-import".into())
             .spawn(move || {
-                let result = match spool.reader() {
-                    Ok(reader) => {
-                        if let Source::Reader { reader: r, .. } = &mut job.source {
-                            *r = Box::new(reader);
-                        }
-                        dvcr_importer::run(job)
-                    }
-                    Err(e) => Err(ImportError::new(
-                        ErrorKind::Config,
-                        true,
-                        format!("opening the spool file: {e}; check --spool-dir"),
-                    )),
-                };
-                let _ = tx.send(result);
+                let _ = tx.send(dvcr_importer::run(job));
             });
         let this = self.clone();
         if let Err(e) = spawned {
@@ -522,9 +510,9 @@ impl Uploader {
         });
     }
 
-    /// Records the pipeline's result, removes the spool file and writes the report.
+    /// Records the pipeline's result and writes the report.
     async fn settle(&self, result: Result<Outcome, ImportError>) {
-        let spool_path = {
+        {
             let mut inner = self.lock();
             match &result {
                 Ok(outcome) if inner.phase != Phase::Failed => {
@@ -544,12 +532,6 @@ impl Uploader {
                     tracing::error!(error = %e, kind = e.kind.name(), "the upload failed");
                 }
             }
-            inner.upload.as_ref().map(|u| u.spool.path().to_path_buf())
-        };
-        if let Some(path) = spool_path
-            && let Err(e) = tokio::fs::remove_file(&path).await
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove the spool file");
         }
         self.write_report(result.ok()).await;
         self.lock().settled = true;
@@ -674,22 +656,22 @@ impl Uploader {
                 ),
             )),
             Some(u) => {
-                let durable = u.spool.durable();
-                if start != durable {
+                let received = u.spool.received();
+                if start != received {
                     return Err(refusal(
                             StatusCode::RANGE_NOT_SATISFIABLE,
                             format!(
-                                "{durable} bytes have arrived; send the rest from there: `curl -C {durable} -T FILE URL` (Content-Range: bytes {durable}-*/*)"
+                                "{received} bytes have arrived; send the rest from there: `curl -C {received} -T FILE URL` (Content-Range: bytes {received}-*/*)"
                             ),
                         )
-                    .at(durable));
+                    .at(received));
                 }
                 if multipart || u.multipart {
                     return Err(refusal(
                             StatusCode::RANGE_NOT_SATISFIABLE,
                             "a multipart upload cannot be resumed; send the file as a raw body (`curl -C N -T FILE URL`)",
                         )
-                    .at(durable));
+                    .at(received));
                 }
                 if let (Some(a), Some(b)) = (u.total, total)
                     && a != b
@@ -714,14 +696,7 @@ impl Uploader {
                     )
                     .at(0));
                 }
-                let name = format!(
-                    "upload-{}-{}.spool",
-                    std::process::id(),
-                    SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos())
-                );
-                let spool = Arc::new(Spool::new(self.0.config.spool_dir.join(name)));
+                let spool = Arc::new(Spool::new());
                 inner.upload = Some(Upload {
                     destination: claims.destination.clone(),
                     spool: Arc::clone(&spool),
@@ -834,66 +809,17 @@ impl Uploader {
         if total.is_some() {
             self.0.progress.set_total(total);
         }
-        let opened = if new {
-            tokio::fs::File::create(spool.path()).await
-        } else {
-            tokio::fs::OpenOptions::new()
-                .write(true)
-                .open(spool.path())
-                .await
-        };
-        let mut file = match opened {
-            Ok(f) => f,
-            Err(e) => {
-                let message = format!(
-                    "cannot open the spool file {}: {e}; check --spool-dir",
-                    spool.path().display()
-                );
-                if !new {
-                    return self
-                        .fail_settled(StatusCode::INTERNAL_SERVER_ERROR, message)
-                        .await;
-                }
-                // No pipeline runs yet: record the failure and write the report here.
-                let response = self.fail(StatusCode::INTERNAL_SERVER_ERROR, message.clone());
-                self.settle(Err(ImportError::config(message))).await;
-                return response;
-            }
-        };
         if new {
             tracing::info!(destination = %claims.destination, ?total, "an upload started");
             self.start_pipeline(Arc::clone(&spool), destination, total);
         } else {
             tracing::info!(destination = %claims.destination, offset = start, "an upload resumed");
         }
-        // Bytes past the durable offset (from a request that was cut off) are dropped.
-        if let Err(e) = positioned(&mut file, start).await {
-            return self
-                .fail_settled(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot prepare the spool file: {e}"),
-                )
-                .await;
-        }
-        spool.rewind(start);
-        let writer = match SpoolWriter::start(file.into_std().await, Arc::clone(&spool), start) {
-            Ok(w) => w,
-            Err(e) => {
-                return self
-                    .fail_settled(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("cannot start writing the spool file: {e}"),
-                    )
-                    .await;
-            }
-        };
-        self.stream_body(writer, &spool, start, boundary, body)
-            .await
+        self.stream_body(&spool, start, boundary, body).await
     }
 
     async fn stream_body(
         &self,
-        mut writer: SpoolWriter,
         spool: &Spool,
         start: u64,
         boundary: Option<String>,
@@ -910,21 +836,8 @@ impl Uploader {
                 None => break,
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => {
-                    // Every written byte becomes durable before the offset is given out:
-                    // the pipeline may already have read them.
-                    let kept = match writer.finish().await {
-                        Ok(n) => n,
-                        Err(sync_error) => {
-                            return self
-                                .fail_settled(
-                                    StatusCode::INTERNAL_SERVER_ERROR,
-                                    format!(
-                                        "the upload broke off ({e}) and the spool file cannot be kept: {sync_error}; check --spool-dir"
-                                    ),
-                                )
-                                .await;
-                        }
-                    };
+                    // What was received stays with the pipeline, which waits for the rest.
+                    let kept = written;
                     tracing::warn!(error = %e, received = kept, "the upload broke off; it can be resumed");
                     return with_offset(
                         text(
@@ -976,30 +889,15 @@ impl Uploader {
                     )
                     .await;
             }
-            if writer.write(data).await.is_err() {
-                // The writer stopped; finishing says why.
-                break;
+            if let Err(why) = spool.push(data).await {
+                // The upload failed, or the pipeline stopped and is about to say why.
+                if let Some(r) = self.failure_response() {
+                    return r;
+                }
+                tracing::warn!(error = %why, "the received bytes were not taken");
+                return self.wait_final().await;
             }
             written = next;
-        }
-        match writer.finish().await {
-            Ok(n) if n == written => {}
-            Ok(n) => {
-                return self
-                    .fail_settled(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("the spool file holds {n} bytes, not the {written} received"),
-                    )
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .fail_settled(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("cannot write the spool file: {e}; check the space in --spool-dir"),
-                    )
-                    .await;
-            }
         }
         if let Some(p) = &part
             && !p.is_done()
@@ -1038,18 +936,11 @@ impl Uploader {
         match &inner.upload {
             None => (0, None),
             Some(u) if inner.phase == Phase::Ready => {
-                (u.total.unwrap_or_else(|| u.spool.durable()), u.total)
+                (u.total.unwrap_or_else(|| u.spool.received()), u.total)
             }
-            Some(u) => (u.spool.durable(), u.total),
+            Some(u) => (u.spool.received(), u.total),
         }
     }
-}
-
-async fn positioned(file: &mut tokio::fs::File, start: u64) -> std::io::Result<()> {
-    use tokio::io::AsyncSeekExt;
-    file.set_len(start).await?;
-    file.seek(std::io::SeekFrom::Start(start)).await?;
-    Ok(())
 }
 
 async fn upload(

@@ -1,55 +1,64 @@
-//! The spool: received bytes are appended to a file as they arrive, and the importer
-//! pipeline reads that file as it grows.
+//! The hand-over between an upload's requests and its importer pipeline: a bounded queue of
+//! received bytes, in memory.
 //!
-//! The spool is what makes uploads resumable without sending anything twice: the
-//! offset a client resumes from is the spool's *durable* length (fsynced before it is
-//! published). Bytes are written by a [`SpoolWriter`] on a thread of its own and fsynced by
-//! another, so receiving never waits for the disk to flush; the pipeline's [`TailReader`]
-//! reads what was written (from the page cache), waiting for more until the upload is
-//! complete (end of file) or failed (an error). A request that breaks off makes every
-//! written byte durable before it answers with the offset to resume from, so a resumed
-//! request never rewrites bytes the pipeline has already read.
+//! Requests push the body's frames as they arrive ([`Spool::push`], waiting while the queue
+//! holds [`CAPACITY`] bytes); the pipeline, on a thread of its own, reads them in order
+//! through a [`TailReader`], which waits for more until the upload is complete (end of
+//! stream) or failed (an error). Nothing is written to disk on the way: the bytes go through
+//! the pipeline once, into DVCR or onto the disk (a compressed upload, whose unpacked size is
+//! unknown, is measured in the pipeline's scratch directory as any import is).
+//!
+//! Resuming needs no file either: the pipeline and its state (hashes, the image check, the
+//! blob upload) live as long as the server, so after a broken connection the client asks
+//! how many bytes were received ([`Spool::received`]) and sends the rest, which the pipeline
+//! reads on from where it was. Nothing received is ever asked for again.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::collections::VecDeque;
+use std::io::{self, Read};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use tokio::sync::Semaphore;
 
-/// The shared state of one upload's spool file.
+/// Bytes received but not yet read by the pipeline, at most: what a slow pipeline makes an
+/// upload hold in memory.
+pub const CAPACITY: usize = 8 << 20;
+
+/// The shared state of one upload's received bytes.
 #[derive(Debug)]
 pub struct Spool {
-    path: PathBuf,
     state: Mutex<SpoolState>,
     grown: Condvar,
+    /// Free room in the queue, in bytes: a push takes some, a read gives it back.
+    room: Semaphore,
 }
 
 #[derive(Debug, Default)]
 struct SpoolState {
-    /// Bytes written to the file (the reader may read them).
-    written: u64,
-    /// Bytes fsynced (a client may resume after them).
-    durable: u64,
+    /// Frames not yet read, each with the room it took.
+    queue: VecDeque<(Bytes, u32)>,
+    /// Bytes pushed so far (the offset a client resumes from).
+    received: u64,
     complete: bool,
     failed: Option<String>,
+    /// The reader was dropped (the pipeline stopped).
+    abandoned: bool,
+}
+
+impl Default for Spool {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Spool {
-    /// A spool backed by `path` (created empty by the caller).
-    pub fn new(path: PathBuf) -> Self {
+    /// An empty spool.
+    pub fn new() -> Self {
         Self {
-            path,
             state: Mutex::new(SpoolState::default()),
             grown: Condvar::new(),
+            room: Semaphore::new(CAPACITY),
         }
-    }
-
-    /// The spool file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn lock(&self) -> MutexGuard<'_, SpoolState> {
@@ -57,31 +66,36 @@ impl Spool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes fsynced to the spool file.
-    pub fn durable(&self) -> u64 {
-        self.lock().durable
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.lock().received
     }
 
-    /// Records that the first `len` bytes are on disk (fsynced) and wakes the reader.
-    pub fn publish(&self, len: u64) {
+    /// Queues `data` for the pipeline, waiting while the queue is full. An error (saying
+    /// why) when the upload failed or the pipeline stopped reading: `data` was not taken.
+    pub async fn push(&self, data: Bytes) -> Result<(), String> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // A frame larger than the queue takes all of it.
+        let take = u32::try_from(data.len().min(CAPACITY)).unwrap_or(u32::MAX);
+        let permit = self.room.acquire_many(take).await;
         let mut s = self.lock();
-        s.durable = s.durable.max(len);
-        s.written = s.written.max(len);
+        if let Some(why) = &s.failed {
+            return Err(why.clone());
+        }
+        if s.abandoned {
+            return Err("the import pipeline stopped reading".into());
+        }
+        match permit {
+            // The room is given back by the reader, not when this permit drops.
+            Ok(p) => p.forget(),
+            Err(_) => return Err("the upload was closed".into()),
+        }
+        s.received += data.len() as u64;
+        s.queue.push_back((data, take));
         self.grown.notify_all();
-    }
-
-    /// Records that the first `len` bytes are written (not yet fsynced) and wakes the reader.
-    pub fn advance(&self, len: u64) {
-        let mut s = self.lock();
-        s.written = s.written.max(len);
-        self.grown.notify_all();
-    }
-
-    /// Goes back to `len` durable bytes before a resumed request overwrites the rest.
-    pub fn rewind(&self, len: u64) {
-        let mut s = self.lock();
-        s.written = len;
-        s.durable = s.durable.min(len);
+        Ok(())
     }
 
     /// Records that every byte has arrived: the reader sees the end after the last one.
@@ -95,33 +109,32 @@ impl Spool {
         self.lock().complete
     }
 
-    /// Makes the reader fail with `why` (the upload was refused or abandoned).
+    /// Makes the reader fail with `why` (the upload was refused or abandoned), and any
+    /// waiting or later push too.
     pub fn fail(&self, why: impl Into<String>) {
         let mut s = self.lock();
         if s.failed.is_none() {
             s.failed = Some(why.into());
         }
+        s.queue.clear();
+        drop(s);
+        self.room.close();
         self.grown.notify_all();
     }
 
-    /// A reader of the spool from byte 0 that waits for more bytes until the upload is
-    /// complete.
-    pub fn reader(self: &Arc<Self>) -> io::Result<TailReader> {
-        Ok(TailReader {
-            file: File::open(&self.path)?,
+    /// The reader of the received bytes, from byte 0; there is one per upload.
+    pub fn reader(self: &Arc<Self>) -> TailReader {
+        TailReader {
             spool: Arc::clone(self),
-            pos: 0,
-        })
+        }
     }
 }
 
-/// A blocking reader that follows the spool file as it grows. Never use it on an async
-/// reactor thread: it blocks until bytes arrive.
+/// A blocking reader of the bytes pushed to a [`Spool`], in order. Never use it on an async
+/// reactor thread: it blocks until bytes arrive. Dropping it makes pushes fail.
 #[derive(Debug)]
 pub struct TailReader {
     spool: Arc<Spool>,
-    file: File,
-    pos: u64,
 }
 
 impl Read for TailReader {
@@ -129,262 +142,38 @@ impl Read for TailReader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let available = {
-            let mut s = self.spool.lock();
-            loop {
-                if let Some(why) = &s.failed {
-                    return Err(io::Error::other(why.clone()));
+        let mut s = self.spool.lock();
+        loop {
+            if let Some(why) = &s.failed {
+                return Err(io::Error::other(why.clone()));
+            }
+            if let Some((front, room)) = s.queue.front_mut() {
+                let n = buf.len().min(front.len());
+                buf[..n].copy_from_slice(&front[..n]);
+                front.advance(n);
+                if front.is_empty() {
+                    let room = *room;
+                    s.queue.pop_front();
+                    self.spool.room.add_permits(room as usize);
                 }
-                if s.written > self.pos {
-                    break s.written - self.pos;
-                }
-                if s.complete {
-                    return Ok(0);
-                }
-                s = self.spool.grown.wait(s).unwrap_or_else(|p| p.into_inner());
+                return Ok(n);
             }
-        };
-        let want = buf
-            .len()
-            .min(usize::try_from(available).unwrap_or(usize::MAX));
-        let n = self.file.read_at(&mut buf[..want], self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the spool file is shorter than the bytes recorded as received",
-            ));
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-/// Bytes gathered before they cross to the writer thread.
-const GATHER: usize = 1 << 20;
-/// Gathered batches queued for the writer thread (with [`GATHER`], the memory a slow disk
-/// can make the upload hold).
-const QUEUE: usize = 4;
-/// Written bytes not yet fsynced after which the sync thread flushes.
-const SYNC_EVERY: u64 = 16 << 20;
-/// A slow upload's bytes are flushed at least this often (the offset a client can resume
-/// from, and the progress it is shown, lag no more than this).
-const SYNC_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Appends an upload's bytes to its spool file on a thread of its own, and fsyncs them on
-/// another (published as durable when the flush covering them ends). Call
-/// [`SpoolWriter::finish`] to make every byte durable; dropping it instead stops both threads
-/// (what was written stays, what was fsynced stays durable).
-#[derive(Debug)]
-pub struct SpoolWriter {
-    tx: Option<tokio::sync::mpsc::Sender<Vec<Bytes>>>,
-    gathered: Vec<Bytes>,
-    gathered_len: usize,
-    writer: Option<JoinHandle<io::Result<u64>>>,
-    syncer: Arc<Syncer>,
-    sync_thread: Option<JoinHandle<()>>,
-    file: Arc<File>,
-    spool: Arc<Spool>,
-}
-
-/// What the sync thread is asked to do.
-#[derive(Debug, Default)]
-struct SyncRequest {
-    /// Written length the next flush should cover.
-    wanted: u64,
-    /// Length covered by the last flush.
-    done: u64,
-    stop: bool,
-    error: Option<String>,
-}
-
-#[derive(Debug, Default)]
-struct Syncer {
-    state: Mutex<SyncRequest>,
-    wake: Condvar,
-}
-
-impl Syncer {
-    fn lock(&self) -> MutexGuard<'_, SyncRequest> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn stop(&self) {
-        self.lock().stop = true;
-        self.wake.notify_all();
-    }
-}
-
-impl SpoolWriter {
-    /// Starts appending to `file` (positioned at `start`, the spool's durable length).
-    pub fn start(file: File, spool: Arc<Spool>, start: u64) -> io::Result<Self> {
-        let file = Arc::new(file);
-        let syncer = Arc::new(Syncer::default());
-        {
-            let mut s = syncer.lock();
-            s.wanted = start;
-            s.done = start;
-        }
-        let sync_thread = {
-            let (file, spool, syncer) =
-                (Arc::clone(&file), Arc::clone(&spool), Arc::clone(&syncer));
-            std::thread::Builder::new()
-                .name("spool-sync".into())
-                .spawn(move || sync_loop(&file, &spool, &syncer))?
-        };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(QUEUE);
-        let spawned = {
-            let (file, spool, syncer) =
-                (Arc::clone(&file), Arc::clone(&spool), Arc::clone(&syncer));
-            std::thread::Builder::new()
-                .name("spool-write".into())
-                .spawn(move || -> io::Result<u64> {
-                    let mut written = start;
-                    let mut out: &File = &file;
-                    while let Some(frames) = rx.blocking_recv() {
-                        for f in &frames {
-                            out.write_all(f)?;
-                            written += f.len() as u64;
-                        }
-                        spool.advance(written);
-                        let mut s = syncer.lock();
-                        if written - s.wanted >= SYNC_EVERY {
-                            s.wanted = written;
-                            syncer.wake.notify_all();
-                        }
-                    }
-                    Ok(written)
-                })
-        };
-        let writer = match spawned {
-            Ok(w) => w,
-            Err(e) => {
-                syncer.stop();
-                return Err(e);
+            if s.complete {
+                return Ok(0);
             }
-        };
-        Ok(Self {
-            tx: Some(tx),
-            gathered: Vec::new(),
-            gathered_len: 0,
-            writer: Some(writer),
-            syncer,
-            sync_thread: Some(sync_thread),
-            file,
-            spool,
-        })
-    }
-
-    /// Queues `data` (waits while the writer is behind). An error when the writer stopped:
-    /// [`SpoolWriter::finish`] then says why.
-    pub async fn write(&mut self, data: Bytes) -> io::Result<()> {
-        self.gathered_len += data.len();
-        self.gathered.push(data);
-        if self.gathered_len >= GATHER {
-            self.send().await?;
+            s = self.spool.grown.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        Ok(())
-    }
-
-    async fn send(&mut self) -> io::Result<()> {
-        let frames = std::mem::take(&mut self.gathered);
-        self.gathered_len = 0;
-        let sent = match &self.tx {
-            Some(tx) => tx.send(frames).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            Ok(())
-        } else {
-            Err(io::Error::other("the spool writer stopped"))
-        }
-    }
-
-    /// Writes what is queued, fsyncs the file and publishes every byte as durable: the
-    /// spool's length, or the first error (of the writes or of a flush).
-    pub async fn finish(mut self) -> io::Result<u64> {
-        if !self.gathered.is_empty() {
-            // A stopped writer reports its error when joined.
-            let _ = self.send().await;
-        }
-        self.tx = None;
-        let writer = self.writer.take();
-        let sync_thread = self.sync_thread.take();
-        let (file, spool, syncer) = (
-            Arc::clone(&self.file),
-            Arc::clone(&self.spool),
-            Arc::clone(&self.syncer),
-        );
-        tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let joined = match writer {
-                Some(w) => w
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("the spool writer panicked"))),
-                None => Err(io::Error::other("the spool writer is gone")),
-            };
-            syncer.stop();
-            if let Some(t) = sync_thread {
-                let _ = t.join();
-            }
-            let written = joined?;
-            if let Some(e) = syncer.lock().error.take() {
-                return Err(io::Error::other(e));
-            }
-            file.sync_data()?;
-            spool.publish(written);
-            Ok(written)
-        })
-        .await
-        .map_err(io::Error::other)?
     }
 }
 
-impl Drop for SpoolWriter {
+impl Drop for TailReader {
     fn drop(&mut self) {
-        // Closing the queue ends the writer thread; the sync thread is told to stop. Neither
-        // is joined here (this may run on the reactor).
-        self.tx = None;
-        self.syncer.stop();
-    }
-}
-
-/// The sync thread: flushes whenever the writer asked for it or [`SYNC_PERIOD`] passed with
-/// bytes written, publishing what each flush covered, until told to stop.
-fn sync_loop(file: &File, spool: &Spool, syncer: &Syncer) {
-    loop {
-        let target = {
-            let mut s = syncer.lock();
-            loop {
-                if s.stop {
-                    return;
-                }
-                if s.wanted > s.done {
-                    break s.wanted;
-                }
-                let (next, waited) = syncer
-                    .wake
-                    .wait_timeout(s, SYNC_PERIOD)
-                    .unwrap_or_else(|p| p.into_inner());
-                s = next;
-                if waited.timed_out() {
-                    // Bytes written since the last flush, however few.
-                    let written = spool.lock().written;
-                    if written > s.done {
-                        s.wanted = s.wanted.max(written);
-                    }
-                }
-            }
-        };
-        // Everything written before this call is covered by it.
-        match file.sync_data() {
-            Ok(()) => {
-                spool.publish(target);
-                syncer.lock().done = target;
-            }
-            Err(e) => {
-                syncer.lock().error = Some(format!("cannot sync the spool file: {e}"));
-                return;
-            }
-        }
+        let mut s = self.spool.lock();
+        s.abandoned = true;
+        s.queue.clear();
+        drop(s);
+        // Wakes a push waiting for room that will never come.
+        self.spool.room.close();
     }
 }
 
@@ -392,87 +181,86 @@ fn sync_loop(file: &File, spool: &Spool, syncer: &Syncer) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn the_reader_waits_for_published_bytes_and_ends_on_completion() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool");
-        let mut file = File::create(&path).unwrap();
-        let spool = Arc::new(Spool::new(path));
-        let mut reader = spool.reader().unwrap();
-        let handle = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            reader.read_to_end(&mut all).unwrap();
-            all
-        });
-        file.write_all(b"hello ").unwrap();
-        // Written but not published: the reader must not see these yet.
-        file.write_all(b"world").unwrap();
-        spool.publish(6);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        spool.publish(11);
-        spool.complete();
-        assert_eq!(handle.join().unwrap(), b"hello world");
-    }
-
-    #[test]
-    fn written_bytes_reach_the_reader_before_they_are_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool");
-        let mut file = File::create(&path).unwrap();
-        let spool = Arc::new(Spool::new(path));
-        let mut reader = spool.reader().unwrap();
-        file.write_all(b"abcdef").unwrap();
-        spool.advance(4);
-        let mut buf = [0u8; 16];
-        assert_eq!(reader.read(&mut buf).unwrap(), 4);
-        assert_eq!(&buf[..4], b"abcd");
-        assert_eq!(spool.durable(), 0, "advance must not claim durability");
-        spool.publish(6);
-        assert_eq!(spool.durable(), 6);
-        assert_eq!(reader.read(&mut buf).unwrap(), 2);
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_spool_writer_appends_every_byte_and_finishes_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool");
-        let mut file = File::create(&path).unwrap();
-        file.write_all(b"0123").unwrap();
-        let spool = Arc::new(Spool::new(path.clone()));
-        spool.publish(4);
-        let mut reader = spool.reader().unwrap();
-        let read_all = std::thread::spawn(move || {
+    async fn the_reader_gets_every_pushed_byte_in_order_and_ends_on_completion() {
+        let spool = Arc::new(Spool::new());
+        let mut reader = spool.reader();
+        let handle = std::thread::spawn(move || {
             let mut all = Vec::new();
-            reader.read_to_end(&mut all).unwrap();
-            all
+            // Odd read sizes across frame boundaries.
+            let mut buf = vec![0u8; 7919];
+            loop {
+                let n = reader.read(&mut buf).unwrap();
+                if n == 0 {
+                    return all;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
         });
-        let mut writer = SpoolWriter::start(file, Arc::clone(&spool), 4).unwrap();
-        // 40 MiB in uneven frames: several gathered batches and at least two flushes.
-        let mut expected = b"0123".to_vec();
+        // 40 MiB in uneven frames: five times the queue, so pushes wait for the reader.
+        let mut expected = Vec::new();
         for i in 0..700u32 {
             let frame: Vec<u8> = (0..60_000u32).map(|j| (i * 7 + j) as u8).collect();
             expected.extend_from_slice(&frame);
-            writer.write(Bytes::from(frame)).await.unwrap();
+            spool.push(Bytes::from(frame)).await.unwrap();
         }
-        let len = writer.finish().await.unwrap();
-        assert_eq!(len, expected.len() as u64);
-        assert_eq!(spool.durable(), len);
+        assert_eq!(spool.received(), expected.len() as u64);
         spool.complete();
-        assert_eq!(read_all.join().unwrap(), expected);
-        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        assert_eq!(handle.join().unwrap(), expected);
     }
 
-    #[test]
-    fn a_failed_spool_makes_the_reader_fail_with_the_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool");
-        File::create(&path).unwrap();
-        let spool = Arc::new(Spool::new(path));
-        let mut reader = spool.reader().unwrap();
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_larger_than_the_queue_still_passes() {
+        let spool = Arc::new(Spool::new());
+        let mut reader = spool.reader();
+        let handle = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            all.len()
+        });
+        spool
+            .push(Bytes::from(vec![1u8; CAPACITY + 12345]))
+            .await
+            .unwrap();
+        spool.push(Bytes::from_static(b"tail")).await.unwrap();
+        spool.complete();
+        assert_eq!(handle.join().unwrap(), CAPACITY + 12345 + 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_spool_fails_the_reader_and_a_waiting_push_with_the_reason() {
+        let spool = Arc::new(Spool::new());
+        let mut reader = spool.reader();
+        // Fill the queue so the next push waits.
+        spool.push(Bytes::from(vec![0u8; CAPACITY])).await.unwrap();
+        let waiting = {
+            let spool = Arc::clone(&spool);
+            tokio::spawn(async move { spool.push(Bytes::from_static(b"more")).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         spool.fail("the upload is larger than --max-size");
+        let pushed = waiting.await.unwrap();
+        assert!(pushed.unwrap_err().contains("--max-size"));
         let err = reader.read(&mut [0; 8]).unwrap_err();
         assert!(err.to_string().contains("--max-size"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_waiting_for_a_pipeline_that_stopped_fails_instead_of_hanging() {
+        let spool = Arc::new(Spool::new());
+        let reader = spool.reader();
+        spool.push(Bytes::from(vec![0u8; CAPACITY])).await.unwrap();
+        let waiting = {
+            let spool = Arc::clone(&spool);
+            tokio::spawn(async move { spool.push(Bytes::from_static(b"more")).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(reader);
+        let pushed = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("the push must not hang")
+            .unwrap();
+        assert!(pushed.unwrap_err().contains("stopped"));
     }
 }

@@ -82,7 +82,8 @@ struct Serve {
     /// Write the image to this disk (file, block device or directory) instead of DVCR.
     #[arg(long, value_name = "PATH")]
     disk: Option<PathBuf>,
-    /// Where received bytes are spooled (and scratch data goes).
+    /// Where scratch data goes: a compressed upload is measured there before it is stored
+    /// (received bytes themselves go straight through the pipeline).
     #[arg(long, value_name = "DIR")]
     spool_dir: Option<PathBuf>,
     /// Checksums the upload must match: algorithm:hex[,algorithm:hex].

@@ -6,7 +6,7 @@
 //!   expiring URL pair (`{"external", "inCluster", "token", "expiresAt"}`); `dvcr upload-url`
 //!   is its client. The bases default to the address the request came to.
 //! - `/upload/<token>` (and `/status` below it) goes to the uploader of the token's
-//!   destination, created on first use: it spools, resumes and stores exactly as
+//!   destination, created on first use: it receives, resumes and stores exactly as
 //!   `dvcr-uploader` does, pushing the artifact into this registry over loopback.
 //!
 //! Only for a registry without authentication: the loopback push has no credentials of its
@@ -84,7 +84,7 @@ impl Uploads {
         if let Some(u) = map.get(destination) {
             return Ok(u.clone());
         }
-        // A directory per destination: spools of different images never meet.
+        // A scratch directory per destination: uploads of different images never meet.
         let dir = self.spool_dir.join(hex::encode(destination.as_bytes()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let uploader = Uploader::new(Config {
