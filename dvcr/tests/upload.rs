@@ -171,6 +171,16 @@ fn upload_offset(url: &str) -> u64 {
         .unwrap_or_else(|| panic!("no Upload-Offset in {text}"))
 }
 
+/// `curl -T` of `image` to `url` at `rate` bytes per second (curl's `--limit-rate`), running.
+fn slow_upload(image: &Path, url: &str, rate: &str) -> std::process::Child {
+    Command::new("curl")
+        .args(["-sS", "--limit-rate", rate, "-T", s(image), url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A qcow2 image with data and zero runs (virtual 64 MiB, about 12 MiB of clusters).
 fn qcow2_image(scratch: &Scratch) -> PathBuf {
     let raw = mixed_raw(scratch, "source.raw", 64 << 20);
@@ -290,12 +300,7 @@ fn an_upload_streams_through_the_pipeline_without_a_copy_on_disk() {
     let registry = Registry::start();
     let up = Uploader::start(&registry, &[]);
     let url = up.url("vi/ns/direct:uid-9", "1h");
-    let mut slow = Command::new("curl")
-        .args(["-sS", "--limit-rate", "2M", "-T", s(&image), &url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut slow = slow_upload(&image, &url, "2M");
     up.wait_status("several MiB to arrive", |s| {
         s["phase"] == "Provisioning" && s["received"].as_u64().unwrap_or(0) > 4 << 20
     });
@@ -321,12 +326,7 @@ fn an_upload_cut_in_the_middle_resumes_from_the_head_offset_and_a_second_upload_
     let up = Uploader::start(&registry, &[]);
     let url = up.url("vi/ns/resumed:uid-4", "1h");
 
-    let mut slow = Command::new("curl")
-        .args(["-sS", "--limit-rate", "1M", "-T", s(&image), &url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut slow = slow_upload(&image, &url, "1M");
     up.wait_status("bytes to arrive", |s| {
         s["phase"] == "Provisioning" && s["received"].as_u64().unwrap_or(0) > 0
     });
