@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 
+use crate::align::PageBuf;
 use crate::compress::{self, BoxRead, Compression};
 use crate::detect::{HEAD_LEN, raw_virtual_size};
 use crate::error::{Result, err};
@@ -162,7 +163,7 @@ fn raw(job: &mut Job<'_>, head: &[u8]) -> Result<ImageInfo> {
              attach the image to the VM as a CD-ROM instead"
         ));
     }
-    let mut buf = vec![0u8; RAW_CHUNK + FOOTER];
+    let mut buf = PageBuf::new(RAW_CHUNK + FOOTER);
     // `buf[..held]` are bytes read but not written yet: at most the last FOOTER bytes.
     let mut held = 0usize;
     let mut at = 0u64; // guest offset of buf[0]

@@ -1,4 +1,7 @@
-//! Reading a large local file once, forwards, with direct I/O (`O_DIRECT`).
+//! Reading a large local file or block device once, forwards, with direct I/O (`O_DIRECT`).
+//!
+//! `stream::SequentialFile` uses it for block devices; regular files read faster buffered
+//! with readahead on the VM disks measured (see there).
 //!
 //! Buffered reads of a cold file cost the kernel a page-cache insertion per 4 KiB and fill
 //! the cache with an image nobody reads again. [`DirectFile`] reopens the file with

@@ -15,6 +15,7 @@
 //! Every length, offset and count read from an image is checked before it is used; a bad
 //! image ends in an [`Error`] whose message says what is wrong and what to do.
 
+pub mod align;
 pub mod compress;
 pub mod decode;
 pub mod detect;
@@ -39,7 +40,7 @@ use std::fmt;
 pub use compress::Compression;
 pub use decode::{Decoded, Options, RandomAccess, decode};
 pub use error::{Error, ErrorKind, Result};
-pub use probe::{Probed, StreamProbe, probe_path, probe_path_with, probe_reader};
+pub use probe::{Probed, StreamProbe, probe_file_with, probe_path, probe_path_with, probe_reader};
 pub use sink::{Output, Sink};
 pub use view::{FileView, SliceView, View};
 

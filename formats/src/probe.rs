@@ -272,7 +272,7 @@ pub fn probe_reader(reader: impl Read + Send + 'static) -> Result<Probed> {
     });
     let (mut inner, compression) = compress::unwrap(counting)?;
     let mut probe = StreamProbe::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = crate::align::PageBuf::new(CHUNK);
     loop {
         match inner.read(&mut buf) {
             Ok(0) => break,
@@ -302,7 +302,17 @@ pub fn probe_path(path: &Path) -> Result<Probed> {
 /// progress, say).
 pub fn probe_path_with(path: &Path, wrap: impl FnOnce(File) -> BoxRead) -> Result<Probed> {
     let shown = path.display();
-    let mut file = File::open(path).map_err(|e| Error::io(format!("opening {shown}"), e))?;
+    let file = File::open(path).map_err(|e| Error::io(format!("opening {shown}"), e))?;
+    probe_file_with(file, &shown.to_string(), wrap)
+}
+
+/// [`probe_path_with`] for a file already open (standard input redirected from a file, say),
+/// read from its start; `shown` names it in errors.
+pub fn probe_file_with(
+    mut file: File,
+    shown: &str,
+    wrap: impl FnOnce(File) -> BoxRead,
+) -> Result<Probed> {
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("reading the metadata of {shown}"), e))?;

@@ -27,6 +27,7 @@ use std::sync::{Mutex, mpsc};
 
 use super::{ClusterCompression, Header};
 use crate::ImageInfo;
+use crate::align::PageBuf;
 use crate::decode::Job;
 use crate::error::{Error, Result, err};
 use crate::pending::Pending;
@@ -311,7 +312,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
             let bytes = self.read_behind(self.h.l1_table_offset, self.l1_len(), "the L1 table")?;
             self.parse_l1(&bytes)?;
         }
-        let mut buf = vec![0u8; CHUNK as usize];
+        let mut buf = PageBuf::new(CHUNK as usize);
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 return Ok(()); // the thread's error is reported by the caller

@@ -9,6 +9,7 @@
 
 use super::{BLOCK_BYTES, parse};
 use crate::ImageInfo;
+use crate::align::PageBuf;
 use crate::decode::Job;
 use crate::error::{ErrorKind, Result};
 use crate::view::View;
@@ -36,7 +37,7 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
     // blocks named twice, so no two entries overlap.
     map.sort_unstable();
 
-    let mut buf = Vec::new();
+    let mut buf = PageBuf::default();
     let mut i = 0;
     while let Some(&(data, guest)) = map.get(i) {
         let mut run = 1u32;
@@ -56,9 +57,7 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
         }
         let at = header.data_at + u64::from(data) * BLOCK_BYTES;
         job.stream.skip_to(at, "a VDI data block")?;
-        if buf.len() < keep {
-            buf.resize(keep, 0);
-        }
+        buf.ensure(keep);
         job.stream
             .read_exact(&mut buf[..keep], "a VDI data block")?;
         job.out.write(guest_at, &buf[..keep])?;

@@ -18,6 +18,7 @@ use std::borrow::Cow;
 
 use super::{COOKIE, FOOTER_LEN, Layout, SECTOR, parse};
 use crate::ImageInfo;
+use crate::align::PageBuf;
 use crate::decode::Job;
 use crate::error::{ErrorKind, Result, err};
 use crate::view::{MAX_READ, View};
@@ -52,7 +53,7 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
             // In file order, so that the stream only moves forwards.
             blocks.sort_unstable();
             let block_size = u64::from(block_size);
-            let mut buf = Vec::new();
+            let mut buf = PageBuf::default();
             for &(sector, index) in &blocks {
                 // index < 2^22 and block_size <= 2^28; sector < 2^32: no overflow.
                 let guest_at = u64::from(index) * block_size;
@@ -77,11 +78,8 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
 
 /// Copies `len` bytes at image offset `from` to guest offset `to`: from the stream when it
 /// has not passed `from` yet, else with random access when there is some.
-fn copy(job: &mut Job<'_>, from: u64, to: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
-    let chunk = len.min(CHUNK) as usize;
-    if buf.len() < chunk {
-        buf.resize(chunk, 0);
-    }
+fn copy(job: &mut Job<'_>, from: u64, to: u64, len: u64, buf: &mut PageBuf) -> Result<()> {
+    buf.ensure(len.min(CHUNK) as usize);
     if from >= job.stream.pos() {
         job.stream.skip_to(from, "a VHD data block")?;
         let mut done = 0;
@@ -118,9 +116,9 @@ fn copy(job: &mut Job<'_>, from: u64, to: u64, len: u64, buf: &mut Vec<u8>) -> R
 
 /// Reads the rest of the image and checks that its last 512 bytes are the footer, as the
 /// probe does for a file: without it the download stopped short.
-fn check_footer(job: &mut Job<'_>, buf: &mut Vec<u8>) -> Result<()> {
+fn check_footer(job: &mut Job<'_>, buf: &mut PageBuf) -> Result<()> {
     if buf.len() < FOOTER_LEN {
-        buf.resize(CHUNK as usize, 0);
+        buf.ensure(CHUNK as usize);
     }
     let mut tail: Vec<u8> = Vec::with_capacity(2 * FOOTER_LEN);
     loop {
@@ -153,7 +151,7 @@ fn check_footer(job: &mut Job<'_>, buf: &mut Vec<u8>) -> Result<()> {
 fn fixed(job: &mut Job<'_>, info: ImageInfo) -> Result<ImageInfo> {
     let size = info.virtual_size;
     job.out.set_size(size)?;
-    let mut buf = Vec::new();
+    let mut buf = PageBuf::default();
     copy(job, 0, 0, size, &mut buf)?;
     // The footer after the data, as the probe demands of a file (size <= 2040 GiB).
     job.stream

@@ -25,6 +25,7 @@
 
 use super::{BAT_ENTRY_LEN, HEADER_SECTION_LEN, Layout, MIB, Span};
 use crate::ImageInfo;
+use crate::align::PageBuf;
 use crate::decode::Job;
 use crate::error::{Result, err};
 use crate::stream::MAX_HEAD;
@@ -263,7 +264,7 @@ fn check_blocks(layout: &Layout, blocks: &mut [Block], file_len: Option<u64>) ->
 /// Copies the blocks (sorted by file offset, not overlapping) to their guest offsets,
 /// joining blocks that follow each other both in the file and on the guest disk into one run.
 fn copy_blocks(job: &mut Job<'_>, blocks: &[Block]) -> Result<()> {
-    let mut buf = Vec::new();
+    let mut buf = PageBuf::default();
     let mut rest = blocks.iter();
     let Some(&first) = rest.next() else {
         return Ok(());
@@ -282,7 +283,7 @@ fn copy_blocks(job: &mut Job<'_>, blocks: &[Block]) -> Result<()> {
 
 /// Copies one run of file bytes to its guest offset: from the stream when it lies ahead,
 /// through random access when the stream has passed it.
-fn copy_run(job: &mut Job<'_>, run: Block, buf: &mut Vec<u8>) -> Result<()> {
+fn copy_run(job: &mut Job<'_>, run: Block, buf: &mut PageBuf) -> Result<()> {
     let Block {
         mut file,
         mut guest,
@@ -324,9 +325,7 @@ fn copy_run(job: &mut Job<'_>, run: Block, buf: &mut Vec<u8>) -> Result<()> {
     }
     let what = what();
     job.stream.skip_to(file, &what)?;
-    if buf.is_empty() {
-        buf.resize(COPY_CHUNK, 0);
-    }
+    buf.ensure(COPY_CHUNK);
     while len > 0 {
         let n = len.min(buf.len() as u64) as usize;
         let data = &mut buf[..n];
