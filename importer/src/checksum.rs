@@ -175,7 +175,7 @@ const DEPTH: usize = 8;
 /// the digests: a mismatch is returned as an error from the final `read` instead of the end.
 pub struct Verifying<R> {
     inner: R,
-    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    tx: Option<mpsc::SyncSender<Piece>>,
     spare: mpsc::Receiver<Vec<u8>>,
     worker: Option<JoinHandle<Vec<(Expected, String)>>>,
     done: bool,
@@ -190,10 +190,10 @@ impl<R> fmt::Debug for Verifying<R> {
     }
 }
 
-impl<R: Read> Verifying<R> {
+impl<R> Verifying<R> {
     /// Wraps `inner`; with no checksums it only passes bytes through.
     pub fn new(inner: R, expected: Vec<Expected>) -> io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(DEPTH);
+        let (tx, rx) = mpsc::sync_channel::<Piece>(DEPTH);
         let (spare_tx, spare) = mpsc::sync_channel::<Vec<u8>>(DEPTH + 2);
         let worker = if expected.is_empty() {
             None
@@ -209,11 +209,17 @@ impl<R: Read> Verifying<R> {
                                 (e, h)
                             })
                             .collect();
-                        for chunk in rx {
+                        for piece in rx {
+                            let bytes: &[u8] = match &piece {
+                                Piece::Copied(v) => v,
+                                Piece::Lent(b) => b,
+                            };
                             for (_, h) in &mut hashers {
-                                h.update(&chunk);
+                                h.update(bytes);
                             }
-                            let _ = spare_tx.try_send(chunk);
+                            if let Piece::Copied(v) = piece {
+                                let _ = spare_tx.try_send(v);
+                            }
                         }
                         hashers.into_iter().map(|(e, h)| (e, h.hex())).collect()
                     })?,
@@ -253,33 +259,72 @@ impl<R: Read> Verifying<R> {
     }
 }
 
-impl<R: Read> Read for Verifying<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.done {
-            // A mismatch stays an error on every later read: never a clean end.
-            return match &self.failed {
-                Some(m) => Err(io::Error::new(io::ErrorKind::InvalidData, m.clone())),
-                None => Ok(0),
-            };
-        }
-        let n = self.inner.read(buf)?;
-        if n == 0 {
+/// Bytes on their way to the checksum thread: a copy (its buffer comes back for reuse), or
+/// a chunk the source lent, shared as it is.
+enum Piece {
+    Copied(Vec<u8>),
+    Lent(bytes::Bytes),
+}
+
+impl<R> Verifying<R> {
+    /// The stream ended: the verdict, once. A mismatch stays an error on every later read:
+    /// never a clean end.
+    fn at_end(&mut self) -> io::Result<()> {
+        if !self.done {
             self.done = true;
             if let Err(e) = self.finish() {
                 self.failed = find_mismatch(&e).cloned();
                 return Err(e);
             }
-            return Ok(0);
         }
-        if let Some(tx) = &self.tx {
+        match &self.failed {
+            Some(m) => Err(io::Error::new(io::ErrorKind::InvalidData, m.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn hash(&self, piece: Piece) -> io::Result<()> {
+        match &self.tx {
+            Some(tx) => tx
+                .send(piece)
+                .map_err(|_| io::Error::other("the checksum thread stopped unexpectedly")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<R: Read> Read for Verifying<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return self.at_end().map(|()| 0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return self.at_end().map(|()| 0);
+        }
+        if self.tx.is_some() {
             let mut chunk = self.spare.try_recv().unwrap_or_default();
             chunk.clear();
             chunk.extend_from_slice(&buf[..n]);
-            if tx.send(chunk).is_err() {
-                return Err(io::Error::other("the checksum thread stopped unexpectedly"));
-            }
+            self.hash(Piece::Copied(chunk))?;
         }
         Ok(n)
+    }
+}
+
+impl<R: crate::chunk::ChunkRead> crate::chunk::ChunkRead for Verifying<R> {
+    fn read_chunk(&mut self, max: usize) -> io::Result<bytes::Bytes> {
+        if self.done {
+            return self.at_end().map(|()| bytes::Bytes::new());
+        }
+        let chunk = self.inner.read_chunk(max)?;
+        if chunk.is_empty() {
+            return self.at_end().map(|()| chunk);
+        }
+        if self.tx.is_some() {
+            self.hash(Piece::Lent(chunk.clone()))?;
+        }
+        Ok(chunk)
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod artifact;
 pub mod checksum;
+pub mod chunk;
 pub mod env;
 pub mod error;
 pub mod oci;

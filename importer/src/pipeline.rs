@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,11 +23,12 @@ use dvcr_formats::sink::write_behind;
 use dvcr_formats::sparse::qcow2::Qcow2Writer;
 use dvcr_formats::sparse::{DiskWriter, TargetOptions, Written};
 use dvcr_formats::stream::SequentialFile;
-use dvcr_formats::{FileView, Options, RandomAccess, StreamProbe};
+use dvcr_formats::{Options, RandomAccess, StreamProbe};
 use sha2::{Digest, Sha256};
 
 use crate::artifact::{self, Descriptor, Labels};
 use crate::checksum::{Expected, Verifying};
+use crate::chunk::{BoxChunkRead, ChunkRead, Copying, Replay, read_full};
 use crate::error::{ErrorKind, ImportError};
 use crate::oci::{BlobWriter, Client, Reference, RegistryOptions};
 use crate::report::{Meter, Progress};
@@ -58,8 +58,8 @@ pub enum Source {
     Blank(u64),
     /// Bytes from elsewhere (an upload's body), with their length when known.
     Reader {
-        /// The bytes.
-        reader: BoxRead,
+        /// The bytes (any reader fits, wrapped in [`Copying`]).
+        reader: BoxChunkRead,
         /// Their length, when announced.
         length: Option<u64>,
         /// How to name the source in messages.
@@ -182,7 +182,7 @@ pub struct Outcome {
 
 /// A source opened for reading.
 struct Opened {
-    reader: BoxRead,
+    reader: BoxChunkRead,
     random: Option<RandomAccess>,
     length: Option<u64>,
     name: String,
@@ -227,7 +227,7 @@ pub fn run(job: Job) -> Result<Outcome, ImportError> {
     let opened = open(source)?;
     progress.set_total(opened.length);
     let name = opened.name.clone();
-    let reader: BoxRead = Box::new(
+    let reader: BoxChunkRead = Box::new(
         Verifying::new(Meter::new(opened.reader, Arc::clone(&progress)), checksums)
             .map_err(|e| ImportError::new(ErrorKind::Source, true, e.to_string()))?,
     );
@@ -293,19 +293,23 @@ fn open(source: Source) -> Result<Opened, ImportError> {
                 .map_err(|e| ImportError::from_oci(e, ErrorKind::Source))?;
             let length = Some(disk.size());
             Ok(Opened {
-                reader: Box::new(disk),
+                reader: Box::new(Copying::new(disk)),
                 random: None,
                 length,
                 name: reference.to_string(),
             })
         }
         Source::Path(path) => open_path(&path),
-        Source::Stdin => Ok(Opened {
-            reader: Box::new(source::stdin()),
-            random: None,
-            length: None,
-            name: "standard input".into(),
-        }),
+        // A file redirected to standard input is read as if named.
+        Source::Stdin => match source::stdin_file() {
+            Some(file) => open_file(file, "standard input".into()),
+            None => Ok(Opened {
+                reader: Box::new(Copying::new(source::stdin())),
+                random: None,
+                length: None,
+                name: "standard input".into(),
+            }),
+        },
         Source::Reader {
             reader,
             length,
@@ -340,31 +344,19 @@ fn open_path(path: &Path) -> Result<Opened, ImportError> {
             format!("opening {name}: {e}; check that the volume is mounted and readable"),
         )
     })?;
-    let meta = file
-        .metadata()
+    open_file(file, name)
+}
+
+/// A local file or block device, read from its start: forwards once (direct I/O, holes not
+/// read) and, being seekable, by random access too.
+fn open_file(file: File, name: String) -> Result<Opened, ImportError> {
+    let local = source::LocalFile::new(file)
         .map_err(|e| ImportError::new(ErrorKind::Source, true, format!("{name}: {e}")))?;
-    let length = if meta.file_type().is_block_device() {
-        let mut f = file
-            .try_clone()
-            .map_err(|e| ImportError::new(ErrorKind::Source, true, format!("{name}: {e}")))?;
-        Some(
-            f.seek(io::SeekFrom::End(0))
-                .map_err(|e| ImportError::new(ErrorKind::Source, true, format!("{name}: {e}")))?,
-        )
-    } else if meta.is_file() {
-        Some(meta.len())
-    } else {
-        None
-    };
-    let random = length.and_then(|len| {
-        let clone = file.try_clone().ok()?;
-        Some(Box::new(FileView::new(clone, len)) as RandomAccess)
-    });
     Ok(Opened {
         // Holes of a sparse file are not read at all; zero blocks are skipped downstream.
-        reader: Box::new(SequentialFile::new(file)),
-        random,
-        length,
+        reader: Box::new(Copying::new(local.reader)),
+        random: local.random,
+        length: local.length,
         name,
     })
 }
@@ -379,6 +371,7 @@ fn to_disk(
 ) -> Result<Outcome, ImportError> {
     let path = disk_path(path);
     let Opened { reader, random, .. } = opened;
+    let reader: BoxRead = reader;
     let decode = |sink: &dyn dvcr_formats::Sink| {
         write_behind(sink, |behind| {
             dvcr_formats::decode(reader, random, behind, opts)
@@ -444,7 +437,7 @@ fn blank(
                 size: Some(requested.unwrap_or(size).max(size)),
                 target_is_zero,
             };
-            let reader: BoxRead = Box::new(io::empty());
+            let reader: BoxChunkRead = Box::new(Copying::new(io::empty()));
             let opened = Opened {
                 reader,
                 random: None,
@@ -462,7 +455,10 @@ fn blank(
         Destination::Registry { reference, options } => {
             progress.set_total(Some(size));
             let opened = Opened {
-                reader: Box::new(Meter::new(io::repeat(0).take(size), Arc::clone(progress))),
+                reader: Box::new(Copying::new(Meter::new(
+                    io::repeat(0).take(size),
+                    Arc::clone(progress),
+                ))),
                 random: None,
                 length: Some(size),
                 name: "a blank disk".into(),
@@ -640,43 +636,6 @@ impl Validator {
 /// Read size through the DVCR path.
 const CHUNK: usize = 1 << 20;
 
-/// Buffers lent to the upload, taken back once it dropped its handle: the copy loop then
-/// reuses warm memory instead of faulting in fresh pages for every chunk.
-#[derive(Default)]
-struct ChunkPool {
-    lent: std::collections::VecDeque<bytes::Bytes>,
-}
-
-impl ChunkPool {
-    /// Chunks kept track of (the upload queues a few; more are simply allocated).
-    const KEEP: usize = 8;
-
-    /// A buffer of [`CHUNK`] bytes.
-    fn take(&mut self) -> bytes::BytesMut {
-        if let Some(front) = self.lent.front()
-            && front.is_unique()
-            && let Some(chunk) = self.lent.pop_front()
-            && let Ok(mut buf) = chunk.try_into_mut()
-        {
-            let len = buf.len();
-            if len < CHUNK {
-                buf.resize(CHUNK, 0);
-            }
-            return buf;
-        }
-        let mut buf = bytes::BytesMut::with_capacity(CHUNK);
-        buf.resize(CHUNK, 0);
-        buf
-    }
-
-    fn lend(&mut self, chunk: bytes::Bytes) {
-        if self.lent.len() == Self::KEEP {
-            self.lent.pop_front();
-        }
-        self.lent.push_back(chunk);
-    }
-}
-
 fn to_registry(
     opened: Opened,
     reference: &Reference,
@@ -684,31 +643,52 @@ fn to_registry(
     (scratch_dir, scratch_limit): (Option<&Path>, Option<u64>),
     progress: &Progress,
 ) -> Result<Outcome, ImportError> {
-    let (mut inner, compression) =
-        compress::unwrap(opened.reader).map_err(ImportError::from_formats)?;
-    // The first bytes say which kind of image this is (and whether to compress the layer).
-    let mut head = vec![0u8; dvcr_formats::detect::HEAD_LEN];
-    let head_len = read_full(&mut inner, &mut head).map_err(read_error)?;
-    head.truncate(head_len);
+    let Opened {
+        mut reader, length, ..
+    } = opened;
+    // The first bytes say whether the image is compressed and which kind it is. They are
+    // taken as chunks, to be sent on as they are when nothing has to be unpacked.
+    let mut first = Vec::new();
+    let mut first_len = 0;
+    while first_len < dvcr_formats::detect::HEAD_LEN {
+        let chunk = reader.read_chunk(CHUNK).map_err(read_error)?;
+        if chunk.is_empty() {
+            break;
+        }
+        first_len += chunk.len();
+        first.push(chunk);
+    }
+    let mut head = Vec::with_capacity(first_len.min(dvcr_formats::detect::HEAD_LEN));
+    for chunk in &first {
+        let want = dvcr_formats::detect::HEAD_LEN - head.len();
+        head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+    }
+    let replay = Replay::new(first, reader);
+
+    let mut scratch_bytes = 0;
+    let plain = compress::detect(&head[..head.len().min(compress::MAGIC_LEN)]).is_none();
+    let (mut data, size, head): (BoxChunkRead, u64, Vec<u8>) = match length {
+        // The common case: the bytes as they came are the entry, of a known size.
+        Some(len) if plain => (Box::new(replay), len, head),
+        _ => {
+            // The entry's size is hidden by a compression wrapper, or was never announced:
+            // the unpacked image is measured on scratch space first.
+            let (mut inner, _) =
+                compress::unwrap(Box::new(replay)).map_err(ImportError::from_formats)?;
+            let mut head = vec![0u8; dvcr_formats::detect::HEAD_LEN];
+            let head_len = read_full(&mut inner, &mut head).map_err(read_error)?;
+            head.truncate(head_len);
+            let raw_like = artifact::compress_layer(dvcr_formats::detect::sniff(&head));
+            let (file, len, written) =
+                spill(&head, &mut inner, scratch_dir, scratch_limit, raw_like)?;
+            scratch_bytes = written;
+            (Box::new(Copying::new(SequentialFile::new(file))), len, head)
+        }
+    };
     let sniffed = dvcr_formats::detect::sniff(&head);
     let raw_like = artifact::compress_layer(sniffed);
     // The file's name is settled from the head (the probe confirms the format at the end).
     let file_name = artifact::file_name(sniffed);
-
-    // The entry's size: known up front unless a compression wrapper hides it.
-    let mut scratch_bytes = 0;
-    let (mut data, size): (BoxRead, u64) = match opened.length {
-        Some(len) if compression.is_empty() => {
-            let rest: BoxRead = Box::new(io::Cursor::new(head).chain(inner));
-            (rest, len)
-        }
-        _ => {
-            let (file, len, written) =
-                spill(&head, &mut inner, scratch_dir, scratch_limit, raw_like)?;
-            scratch_bytes = written;
-            (Box::new(SequentialFile::new(file)), len)
-        }
-    };
 
     let client =
         Client::new(options).map_err(|e| ImportError::from_oci(e, ErrorKind::Destination))?;
@@ -739,13 +719,12 @@ fn to_registry(
             ..Options::default()
         })?)
     };
-    // Chunks are read into buffers that go to the upload as they are (no second copy);
-    // a buffer comes back for the next read once the upload has sent and dropped it.
-    let mut pool = ChunkPool::default();
+    // Chunks go to the check and the upload as they are: an HTTP body's own buffers, or
+    // buffers a local source was read into once.
     let mut copied = 0u64;
     loop {
-        let mut buf = pool.take();
-        let n = read_full(&mut data, &mut buf).map_err(read_error)?;
+        let chunk = data.read_chunk(CHUNK).map_err(read_error)?;
+        let n = chunk.len();
         if n == 0 {
             break;
         }
@@ -757,9 +736,7 @@ fn to_registry(
                 format!("the source sent more than the {size} bytes it announced"),
             ));
         }
-        buf.truncate(n);
-        probe.feed(&buf);
-        let chunk = buf.freeze();
+        probe.feed(&chunk);
         if let Some(v) = validator.as_mut()
             && !v.feed(chunk.clone())
             && let Some(v) = validator.take()
@@ -769,7 +746,6 @@ fn to_registry(
                 ImportError::new(ErrorKind::Image, false, "checking the image stopped early")
             }));
         }
-        pool.lend(chunk.clone());
         layer.write_chunk(chunk).map_err(write_err)?;
     }
     if copied != size {
@@ -834,20 +810,6 @@ fn to_registry(
         mounted: false,
         destination: reference.to_string(),
     })
-}
-
-/// Reads until `buf` is full or the stream ends; returns how much was read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Classifies a read error of the source (a broken download, a checksum mismatch at the end,

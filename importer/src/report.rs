@@ -115,6 +115,14 @@ impl<R: Read> Read for Meter<R> {
     }
 }
 
+impl<R: crate::chunk::ChunkRead> crate::chunk::ChunkRead for Meter<R> {
+    fn read_chunk(&mut self, max: usize) -> io::Result<bytes::Bytes> {
+        let chunk = self.inner.read_chunk(max)?;
+        self.progress.add(chunk.len() as u64);
+        Ok(chunk)
+    }
+}
+
 /// The label set of every gauge: the owner's UID, under the name the platform expects.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 #[allow(non_snake_case)]

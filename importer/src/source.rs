@@ -351,13 +351,33 @@ impl HttpBody {
 
 impl Read for HttpBody {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
+        if buf.is_empty() || !self.fill()? {
             return Ok(0);
         }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+impl crate::chunk::ChunkRead for HttpBody {
+    /// The body's bytes as the HTTP client received them: no copy.
+    fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+        if max == 0 || !self.fill()? {
+            return Ok(Bytes::new());
+        }
+        Ok(self.current.split_to(max.min(self.current.len())))
+    }
+}
+
+impl HttpBody {
+    /// Waits for the next bytes unless some are at hand; false at the end of the body.
+    fn fill(&mut self) -> io::Result<bool> {
         while self.current.is_empty() {
             match &self.finished {
                 Finished::No => {}
-                Finished::Complete => return Ok(0),
+                Finished::Complete => return Ok(false),
                 Finished::Failed(kind, message) => {
                     return Err(io::Error::new(*kind, message.clone()));
                 }
@@ -385,14 +405,9 @@ impl Read for HttpBody {
                 }
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
-        Ok(n)
+        Ok(true)
     }
-}
 
-impl HttpBody {
     fn short(&self, detail: String) -> SourceError {
         SourceError::Broken {
             url: self.url.clone(),
@@ -1282,9 +1297,90 @@ impl View for HttpRanges {
     }
 }
 
-/// A blocking reader for standard input.
-pub fn stdin() -> impl Read + Send + 'static {
-    std::io::stdin()
+/// A blocking reader for standard input. A pipe is read as `formats` reads pipes (a larger
+/// pipe buffer, reads placed where the kernel copies fast); anything else (a terminal)
+/// through the standard library.
+pub fn stdin() -> Box<dyn Read + Send> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    let pipe = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(fs::File::from)
+        .filter(|f| {
+            f.metadata()
+                .is_ok_and(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+        });
+    match pipe {
+        Some(file) => Box::new(dvcr_formats::stream::SequentialFile::new(file)),
+        None => Box::new(io::stdin()),
+    }
+}
+
+/// A local file or block device opened as a source, read from its start.
+pub struct LocalFile {
+    /// Forwards, once: direct I/O for large cold files, holes of a sparse file not read.
+    pub reader: dvcr_formats::stream::SequentialFile,
+    /// The same bytes by offset (a seekable source spares a decoder the scratch space).
+    pub random: Option<dvcr_formats::RandomAccess>,
+    /// The file's length, or the device's capacity.
+    pub length: Option<u64>,
+}
+
+impl fmt::Debug for LocalFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalFile")
+            .field("reader", &self.reader)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalFile {
+    /// Opens `file` (a regular file or block device; anything else is read as a stream).
+    pub fn new(file: fs::File) -> io::Result<Self> {
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata()?;
+        let length = if meta.file_type().is_block_device() {
+            Some(file.try_clone()?.seek(io::SeekFrom::End(0))?)
+        } else if meta.is_file() {
+            Some(meta.len())
+        } else {
+            None
+        };
+        let random = length.and_then(|len| {
+            let clone = file.try_clone().ok()?;
+            Some(Box::new(dvcr_formats::FileView::new(clone, len)) as dvcr_formats::RandomAccess)
+        });
+        Ok(Self {
+            reader: dvcr_formats::stream::SequentialFile::new(file),
+            random,
+            length,
+        })
+    }
+}
+
+/// Standard input as a file of its own, when it is one: a regular file or block device
+/// redirected in (`dvcr convert - < image.qcow2`) and not yet read from. Such a source is
+/// read exactly as a path would be (direct I/O, holes skipped, random access instead of
+/// scratch space), so `-` costs nothing against naming the file. `None` for a pipe, a
+/// terminal, a socket, or a file already partly consumed by someone before us (its bytes
+/// from the current offset on are the input then, and are read as a stream).
+pub fn stdin_file() -> Option<fs::File> {
+    use std::io::Seek;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    let fd = io::stdin().as_fd().try_clone_to_owned().ok()?;
+    let mut file = fs::File::from(fd);
+    let kind = file.metadata().ok()?.file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return None;
+    }
+    // The duplicate shares the offset with descriptor 0: only a file nobody has read from
+    // yet is the whole input.
+    (file.stream_position().ok()? == 0).then_some(file)
 }
 
 #[cfg(test)]

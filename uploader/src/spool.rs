@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 /// Bytes received but not yet read by the pipeline, at most: what a slow pipeline makes an
@@ -137,32 +137,49 @@ pub struct TailReader {
     spool: Arc<Spool>,
 }
 
-impl Read for TailReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl TailReader {
+    /// Takes up to `max` bytes off the front of the queue, as they arrived (no copy), waiting
+    /// for more while the upload goes on; empty at the end of the upload.
+    fn take(&mut self, max: usize) -> io::Result<Bytes> {
         let mut s = self.spool.lock();
         loop {
             if let Some(why) = &s.failed {
                 return Err(io::Error::other(why.clone()));
             }
             if let Some((front, room)) = s.queue.front_mut() {
-                let n = buf.len().min(front.len());
-                buf[..n].copy_from_slice(&front[..n]);
-                front.advance(n);
+                let taken = front.split_to(max.min(front.len()));
                 if front.is_empty() {
                     let room = *room;
                     s.queue.pop_front();
                     self.spool.room.add_permits(room as usize);
                 }
-                return Ok(n);
+                return Ok(taken);
             }
             if s.complete {
-                return Ok(0);
+                return Ok(Bytes::new());
             }
             s = self.spool.grown.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+impl Read for TailReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let taken = self.take(buf.len())?;
+        buf[..taken.len()].copy_from_slice(&taken);
+        Ok(taken.len())
+    }
+}
+
+impl dvcr_importer::chunk::ChunkRead for TailReader {
+    fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+        if max == 0 {
+            return Ok(Bytes::new());
+        }
+        self.take(max)
     }
 }
 
