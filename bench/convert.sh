@@ -7,11 +7,13 @@
 # each of those inputs and each target (tmpfs and disk):
 #
 #   dvcr convert IN OUT.raw                 (from the file)
-#   dvcr convert - OUT.raw < IN             (from standard input: strictly one pass)
+#   dvcr convert - OUT.raw < IN             (standard input redirected from the file)
+#   cat IN | dvcr convert - OUT.raw         (standard input from a pipe: strictly one pass)
 #   qemu-img convert -O raw IN OUT.raw      (default flags)
 #   qemu-img convert -m 8 -W -O raw IN OUT.raw
 #
-# RUNS times each (interleaved), reporting the median wall time and the peak RSS as
+# RUNS times each (interleaved, each run starting at another variant so that none always
+# goes first after the inputs were generated or the disk cache warmed), reporting the median wall time and the peak RSS as
 # measured by /usr/bin/time. Checks once per input that dvcr's output is identical to
 # qemu-img's. The report (Markdown) goes to standard output, progress to standard error:
 #
@@ -261,7 +263,7 @@ fi
 # ---------------------------------------------------------------------------------------
 # Measurements
 
-VARIANTS=(dvcr-file dvcr-stdin qemu-default qemu-m8W qemu-m8W-fsync)
+VARIANTS=(dvcr-file dvcr-stdin dvcr-pipe qemu-default qemu-m8W qemu-m8W-fsync)
 declare -A WALL RSS FAILED ERROR JSON
 FAILURES=()
 MISMATCHES=()
@@ -275,6 +277,7 @@ run_variant() {
     case $variant in
         dvcr-file) cmd=("$DVCR" convert --json "$in" "$out") ;;
         dvcr-stdin) cmd=("$DVCR" convert --json - "$out") stdin=$in ;;
+        dvcr-pipe) cmd=(sh -c 'cat -- "$1" | exec "$2" convert --json - "$3"' sh "$in" "$DVCR" "$out") ;;
         qemu-default) cmd=(qemu-img convert -O raw "$in" "$out") ;;
         qemu-m8W) cmd=(qemu-img convert -m 8 -W -O raw "$in" "$out") ;;
         # The same durability as dvcr, which fsyncs the disk before it reports success.
@@ -297,7 +300,8 @@ for name in $INPUTS; do
         mkdir -p "$dir"
         declare -A walls=() rsss=()
         for ((run = 1; run <= RUNS; run++)); do
-            for variant in "${VARIANTS[@]}"; do
+            for ((v = 0; v < ${#VARIANTS[@]}; v++)); do
+                variant=${VARIANTS[(v + run - 1) % ${#VARIANTS[@]}]}
                 key="$name|$target|$variant"
                 [[ -n ${FAILED[$key]:-} ]] && continue
                 out="$dir/$variant.raw"
@@ -333,7 +337,7 @@ for name in $INPUTS; do
         done
         if [[ $target == tmpfs ]]; then
             reference="$dir/qemu-default.raw"
-            for variant in dvcr-file dvcr-stdin; do
+            for variant in dvcr-file dvcr-stdin dvcr-pipe; do
                 [[ -f "$dir/$variant.raw" && -f $reference ]] || continue
                 log "$name: qemu-img compare -f raw -F raw $variant.raw qemu-default.raw"
                 if ! qemu-img compare -f raw -F raw "$dir/$variant.raw" "$reference" >"$SCRATCH/compare" 2>&1; then
@@ -372,7 +376,8 @@ max_kib() {
 # check DESCRIPTION AWK-CONDITION: records a goal as met or missed, from $df, $qd, $qw, $drss.
 check() {
     if [[ -n $df && -n $qd && -n $qw ]] &&
-        awk -v df="$df" -v qd="$qd" -v qw="$qw" -v rss="${drss:-0}" "BEGIN { exit !($2) }"; then
+        awk -v df="$df" -v qd="$qd" -v qw="$qw" -v rss="${drss:-0}" \
+            -v ds="${ds:-1e9}" -v dp="${dp:-1e9}" "BEGIN { exit !($2) }"; then
         GOALS+=("- [x] $name -> $target: $1")
     else
         GOALS+=("- [ ] $name -> $target: $1  **MISSED**")
@@ -409,8 +414,8 @@ for name in $INPUTS; do
         "$(json_field "$j" format | tr -d '"')"
 done
 echo
-echo "| input | target | dvcr file s | dvcr stdin s | qemu default s | qemu -m8 -W s | qemu -m8 -W + fsync s | qemu-default/dvcr | qemu-m8W/dvcr | qemu-m8W+fsync/dvcr | dvcr peak RSS MiB | qemu peak RSS MiB |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| input | target | dvcr file s | dvcr stdin < file s | cat \| dvcr s | qemu default s | qemu -m8 -W s | qemu -m8 -W + fsync s | qemu-default/dvcr | qemu-m8W/dvcr | qemu-m8W+fsync/dvcr | dvcr peak RSS MiB | qemu peak RSS MiB |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 GOALS=()
 GOALS_FAILED=0
 for name in $INPUTS; do
@@ -418,17 +423,21 @@ for name in $INPUTS; do
         k="$name|$target"
         df=${WALL["$k|dvcr-file"]:-}
         ds=${WALL["$k|dvcr-stdin"]:-}
+        dp=${WALL["$k|dvcr-pipe"]:-}
         qd=${WALL["$k|qemu-default"]:-}
         qw=${WALL["$k|qemu-m8W"]:-}
         qf=${WALL["$k|qemu-m8W-fsync"]:-}
-        drss=$(max_kib "${RSS["$k|dvcr-file"]:-}" "${RSS["$k|dvcr-stdin"]:-}")
+        drss=$(max_kib "${RSS["$k|dvcr-file"]:-}" "$(max_kib "${RSS["$k|dvcr-stdin"]:-}" "${RSS["$k|dvcr-pipe"]:-}")")
         qrss=$(max_kib "${RSS["$k|qemu-default"]:-}" "${RSS["$k|qemu-m8W"]:-}")
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$target" \
-            "$(fmt_s "$df")" "$(fmt_s "$ds")" "$(fmt_s "$qd")" "$(fmt_s "$qw")" "$(fmt_s "$qf")" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$target" \
+            "$(fmt_s "$df")" "$(fmt_s "$ds")" "$(fmt_s "$dp")" "$(fmt_s "$qd")" "$(fmt_s "$qw")" "$(fmt_s "$qf")" \
             "$(ratio "$qd" "$df")" "$(ratio "$qw" "$df")" "$(ratio "$qf" "$df")" "$(fmt_mib "$drss")" "$(fmt_mib "$qrss")"
         [[ $name == qcow2-zlib ]] && check ">= 1.5x faster than qemu-img default ($(ratio "$qd" "$df"))" "qd >= 1.5 * df"
         check "at least as fast as qemu-img -m 8 -W ($(ratio "$qw" "$df"))" "qw >= df"
         [[ $target == disk ]] && qw=$qf && check "at least as fast as qemu-img -m 8 -W with the same fsync ($(ratio "$qf" "$df"))" "qw >= df"
+        # The same speed from standard input as from the file, within 10% (machine noise).
+        check "as fast from standard input (redirected) as from the file ($(ratio "$df" "$ds"))" "ds <= 1.1 * df"
+        check "as fast from a pipe as from the file ($(ratio "$df" "$dp"))" "dp <= 1.1 * df"
         check "dvcr peak RSS < 64 MiB ($(fmt_mib "$drss") MiB)" "rss > 0 && rss < 65536"
     done
 done
@@ -454,7 +463,7 @@ echo "## dvcr --json (last run)"
 echo
 echo '```'
 for name in $INPUTS; do
-    for variant in dvcr-file dvcr-stdin; do
+    for variant in dvcr-file dvcr-stdin dvcr-pipe; do
         [[ -n ${JSON["$name|$variant"]:-} ]] && printf '%-12s %-10s %s\n' "$name" "$variant" "${JSON["$name|$variant"]}"
     done
 done

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -11,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use dvcr_formats::sparse::qcow2::Qcow2Writer;
 use dvcr_formats::sparse::{DiskWriter, TargetOptions, Written};
-use dvcr_formats::{Decoded, FileView, Options, RandomAccess, Sink};
+use dvcr_formats::{Decoded, Options, RandomAccess, Sink};
 use dvcr_importer::source::{self, Location};
 use serde::Serialize;
 
@@ -159,46 +158,30 @@ impl<R: Read> Read for Counted<R> {
 fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
     let progress = progress_bar();
     let location = Location::parse(&args.src)?;
-    let (reader, random, length): (Box<dyn Read + Send>, Option<RandomAccess>, Option<u64>) =
-        match &location {
-            Location::Path(path) => {
-                let file =
-                    File::open(path).with_context(|| format!("opening {}", path.display()))?;
-                let meta = file.metadata()?;
-                let len = if meta.file_type().is_block_device() {
-                    use std::io::Seek;
-                    let mut f = file.try_clone()?;
-                    Some(f.seek(std::io::SeekFrom::End(0))?)
-                } else if meta.is_file() {
-                    Some(meta.len())
-                } else {
-                    None
-                };
-                let random = len.and_then(|len| {
-                    let clone = file.try_clone().ok()?;
-                    Some(Box::new(FileView::new(clone, len)) as RandomAccess)
-                });
-                (
-                    Box::new(dvcr_formats::stream::SequentialFile::new(file)),
-                    random,
-                    len,
-                )
-            }
-            Location::Stdin => (Box::new(source::stdin()), None, None),
-            Location::Http(url) => {
-                let body = source::open_http(url)?;
-                let len = body.length;
-                // A server that answers Range requests spares the scratch space: what a
-                // decoder needs again is fetched again.
-                let random = match (&body.ranges_at, len) {
-                    (Some(at), Some(len)) => {
-                        Some(Box::new(source::HttpRanges::new(at, len)?) as RandomAccess)
-                    }
-                    _ => None,
-                };
-                (Box::new(body), random, len)
-            }
-        };
+    let (reader, random, length): Opened = match &location {
+        Location::Path(path) => {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            open_file(file)?
+        }
+        // A file redirected to standard input is read as if named.
+        Location::Stdin => match source::stdin_file() {
+            Some(file) => open_file(file).context("standard input")?,
+            None => (Box::new(source::stdin()), None, None),
+        },
+        Location::Http(url) => {
+            let body = source::open_http(url)?;
+            let len = body.length;
+            // A server that answers Range requests spares the scratch space: what a
+            // decoder needs again is fetched again.
+            let random = match (&body.ranges_at, len) {
+                (Some(at), Some(len)) => {
+                    Some(Box::new(source::HttpRanges::new(at, len)?) as RandomAccess)
+                }
+                _ => None,
+            };
+            (Box::new(body), random, len)
+        }
+    };
     if let Some(len) = length {
         progress.set_length(len);
         progress.set_style(bar_style());
@@ -235,6 +218,16 @@ fn convert(args: &Args) -> anyhow::Result<(Decoded, Written, u64)> {
         result.1,
         count.load(std::sync::atomic::Ordering::Relaxed),
     ))
+}
+
+/// A source: read forwards, random access when it allows it, its length when known.
+type Opened = (Box<dyn Read + Send>, Option<RandomAccess>, Option<u64>);
+
+/// A local file or block device as a source: read once forwards (direct I/O, holes skipped)
+/// and, since it is seekable, open to random access too, which spares the scratch space.
+fn open_file(file: File) -> anyhow::Result<Opened> {
+    let local = source::LocalFile::new(file)?;
+    Ok((Box::new(local.reader), local.random, local.length))
 }
 
 fn decode_into(

@@ -90,7 +90,13 @@ fn probe(spec: &str) -> Result<Probed, Failed> {
     let progress = progress_bar();
     let result = match Location::parse(spec)? {
         Location::Path(path) => probe_path_with(&path, |file| Box::new(progress.wrap_read(file)))?,
-        Location::Stdin => probe_reader(progress.wrap_read(source::stdin()))?,
+        Location::Stdin => match source::stdin_file() {
+            // A file redirected in is probed as if named: headers and tables only.
+            Some(file) => dvcr_formats::probe_file_with(file, "standard input", |file| {
+                Box::new(progress.wrap_read(file))
+            })?,
+            None => probe_reader(progress.wrap_read(source::stdin()))?,
+        },
         Location::Http(url) => {
             let body = source::open_http(&url)?;
             if let Some(len) = body.length {

@@ -328,3 +328,73 @@ fn an_http_source_without_ranges_spills_to_scratch_and_still_converts() {
     assert!(json["scratch-bytes"].as_u64().unwrap() > 0, "{json}");
     assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+#[test]
+fn a_file_redirected_to_standard_input_is_read_again_instead_of_spilled_to_scratch() {
+    let scratch = Scratch::new();
+    let image = late_l2_qcow2(&scratch);
+    let out = scratch.path("disk.raw");
+    let (o, json) = convert(&["--pending-memory", "64K", "-", s(&out)], Some(&image));
+    assert!(o.status.success(), "{json}");
+    assert_same_as_qemu(&image, "qcow2", &out);
+    assert_eq!(json["scratch-bytes"].as_u64(), Some(0), "{json}");
+    assert_eq!(
+        json["bytes-read"].as_u64(),
+        Some(fs::metadata(&image).unwrap().len())
+    );
+}
+
+#[test]
+fn an_image_piped_to_standard_input_spills_to_scratch_and_still_converts() {
+    let scratch = Scratch::new();
+    let image = late_l2_qcow2(&scratch);
+    let out = scratch.path("disk.raw");
+    let mut cat = Command::new("cat")
+        .arg(&image)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cat");
+    let pipe = cat.stdout.take().expect("cat's stdout");
+    let o = Command::new(DVCR)
+        .args(["convert", "--json", "--pending-memory", "64K", "-", s(&out)])
+        .stdin(Stdio::from(pipe))
+        .output()
+        .expect("running dvcr convert");
+    assert!(cat.wait().expect("cat").success());
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&o.stderr)));
+    assert!(o.status.success(), "{json}");
+    assert_same_as_qemu(&image, "qcow2", &out);
+    assert!(json["scratch-bytes"].as_u64().unwrap() > 0, "{json}");
+}
+
+#[test]
+fn standard_input_already_partly_read_is_converted_from_where_it_stands() {
+    let scratch = Scratch::new();
+    let image = compressed_qcow2(&scratch);
+    // 4 KiB of something else, then the image: a script reads the first part itself.
+    let joined = scratch.path("joined.bin");
+    let mut bytes = vec![0x4a_u8; 4096];
+    bytes.extend(fs::read(&image).unwrap());
+    fs::write(&joined, bytes).unwrap();
+    let out = scratch.path("disk.raw");
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            r#"dd bs=4096 count=1 of=/dev/null status=none && exec "$0" convert --json - "$1""#,
+            DVCR,
+            s(&out),
+        ])
+        .stdin(Stdio::from(fs::File::open(&joined).unwrap()))
+        .output()
+        .expect("running dvcr convert after dd");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON summary");
+    assert_eq!(json["format"], "qcow2", "{json}");
+    assert_eq!(
+        json["bytes-read"].as_u64(),
+        Some(fs::metadata(&image).unwrap().len())
+    );
+    assert_same_as_qemu(&image, "qcow2", &out);
+}

@@ -16,7 +16,11 @@ const DVCR: &str = env!("CARGO_BIN_EXE_dvcr");
 /// How an image reaches `dvcr inspect`.
 #[derive(Debug, Clone, Copy)]
 enum Via {
+    /// The path on the command line.
     File,
+    /// `-`, with the file redirected to standard input (read as the file itself).
+    Redirect,
+    /// `-`, with the bytes coming through a pipe (read once as a stream).
     Stdin,
 }
 
@@ -27,13 +31,32 @@ fn inspect_json(image: &Path, via: Via) -> (bool, serde_json::Value, String) {
         Via::File => {
             cmd.arg(image);
         }
-        Via::Stdin => {
+        Via::Redirect => {
             cmd.arg("-").stdin(Stdio::from(
                 fs::File::open(image).expect("opening the image"),
             ));
         }
+        Via::Stdin => {
+            cmd.arg("-").stdin(Stdio::piped());
+        }
     }
-    let out = cmd.output().expect("running dvcr");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running dvcr");
+    let feeder = child.stdin.take().map(|mut pipe| {
+        let image = image.to_owned();
+        std::thread::spawn(move || {
+            let mut file = fs::File::open(image).expect("opening the image");
+            // dvcr may stop reading early (a refused image): a broken pipe is fine.
+            let _ = std::io::copy(&mut file, &mut pipe);
+        })
+    });
+    let out = child.wait_with_output().expect("running dvcr");
+    if let Some(feeder) = feeder {
+        feeder.join().expect("feeding the pipe");
+    }
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "dvcr panicked: {stderr}");
     let json = serde_json::from_slice(&out.stdout)
@@ -68,7 +91,7 @@ fn agrees_with_qemu(
         ));
     }
     for (wrapper, path) in &inputs {
-        for via in [Via::File, Via::Stdin] {
+        for via in [Via::File, Via::Redirect, Via::Stdin] {
             let (ok, json, stderr) = inspect_json(path, via);
             let case = format!("{} wrapped in {wrapper:?} via {via:?}", image.display());
             assert!(ok, "{case}: dvcr refused it: {stderr}");
@@ -401,7 +424,7 @@ fn refused(image: &Path, via: Via) -> String {
 }
 
 fn assert_refused(image: &Path, words: &[&str]) {
-    for via in [Via::File, Via::Stdin] {
+    for via in [Via::File, Via::Redirect, Via::Stdin] {
         let message = refused(image, via);
         for w in words {
             assert!(
