@@ -2,16 +2,11 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::{ApiResult, CONTENT_DIGEST, Shared, respond};
 use crate::registry::error::{ApiError, Code};
 use crate::registry::names::Digest;
-use crate::registry::storage::Blob;
-
-/// Read size of blob streaming.
-const READ_BUFFER: usize = 1 << 20;
+use crate::registry::storage::{Blob, file_body};
 
 /// A byte range resolved against a blob size.
 #[derive(Debug, PartialEq, Eq)]
@@ -141,15 +136,7 @@ pub async fn get(
             }
             Body::from_stream(blob.stream(start, len).await?)
         }
-        Some(Blob::File(mut file)) => {
-            if start > 0 {
-                file.seek(std::io::SeekFrom::Start(start))
-                    .await
-                    .map_err(ApiError::internal)?;
-            }
-            file.set_max_buf_size(READ_BUFFER);
-            Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_BUFFER))
-        }
+        Some(Blob::File(file)) => Body::from_stream(file_body(file, start, len)),
     };
     hdrs.push((header::CONTENT_LENGTH, len.to_string()));
     Ok(respond(status, &hdrs, body))
