@@ -719,8 +719,9 @@ fn to_registry(
             ..Options::default()
         })?)
     };
-    // Chunks go to the check and the upload as they are: an HTTP body's own buffers, or
-    // buffers a local source was read into once.
+    // Chunks go to the check and the upload as they are: an HTTP body's own buffers (8-400
+    // KiB each), or buffers a local source was read into once. Joining the small ones into
+    // 1 MiB buffers (fewer chunks downstream, one copy) measured 9% more importer CPU.
     let mut copied = 0u64;
     loop {
         let chunk = data.read_chunk(CHUNK).map_err(read_error)?;
