@@ -16,7 +16,7 @@ use crate::compress::{self, BoxRead, Compression};
 use crate::detect::{HEAD_LEN, raw_virtual_size};
 use crate::error::{Result, err};
 use crate::sink::{Output, Sink};
-use crate::stream::{HeadView, ReadAhead, Stream};
+use crate::stream::{HeadView, Lend, ReadAhead, Stream};
 use crate::view::View;
 use crate::{Format, ImageInfo, iso, qcow2, vdi, vhd, vhdx, vmdk};
 
@@ -115,8 +115,25 @@ pub fn decode(
     } else {
         (Box::new(ReadAhead::new(Box::new(inner))), None)
     };
+    decode_stream(Stream::new(inner, compression), random, sink, opts)
+}
+
+/// Decodes an image (its bytes as they are: no compression wrapper is looked for) from a
+/// source that lends them: the qcow2 decoder looks at the source's own chunks instead of
+/// copying them into its buffer. The importer checks images it streams into DVCR this way.
+pub fn decode_lent(source: Box<dyn Lend>, sink: &dyn Sink, opts: &Options) -> Result<Decoded> {
+    decode_stream(Stream::lending(source), None, sink, opts)
+}
+
+fn decode_stream(
+    stream: Stream,
+    random: Option<RandomAccess>,
+    sink: &dyn Sink,
+    opts: &Options,
+) -> Result<Decoded> {
+    let compression = stream.compression().to_vec();
     let mut job = Job {
-        stream: Stream::new(inner, compression.clone()),
+        stream,
         random,
         out: Output::new(sink),
         opts,

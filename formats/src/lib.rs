@@ -38,10 +38,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use compress::Compression;
-pub use decode::{Decoded, Options, RandomAccess, decode};
+pub use decode::{Decoded, Options, RandomAccess, decode, decode_lent};
 pub use error::{Error, ErrorKind, Result};
 pub use probe::{Probed, StreamProbe, probe_file_with, probe_path, probe_path_with, probe_reader};
 pub use sink::{Output, Sink};
+pub use stream::Lend;
 pub use view::{FileView, SliceView, View};
 
 /// The largest virtual size any probe accepts: 64 PiB. Far beyond any real VM disk, and low

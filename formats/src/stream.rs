@@ -28,9 +28,33 @@ use crate::view::{View, check_range};
 /// qemu accepts fit too.
 pub const MAX_HEAD: usize = 64 << 20;
 
+/// A source that can lend the bytes it already holds (the importer's HTTP body chunks): a
+/// decoder that works on chunks looks at them where they are instead of copying them into a
+/// buffer of its own. It is a reader too, for everything else.
+pub trait Lend: Read + Send {
+    /// The next bytes of the stream, at most `max` (and at least one unless the stream has
+    /// ended: empty means the end). They count as read.
+    fn lend(&mut self, max: usize) -> io::Result<&[u8]>;
+}
+
+/// Where a [`Stream`]'s bytes come from.
+enum Source {
+    Read(BoxRead),
+    Lend(Box<dyn Lend>),
+}
+
+impl Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Read(r) => r.read(buf),
+            Source::Lend(l) => l.read(buf),
+        }
+    }
+}
+
 /// An image read once from start to end. See the module docs.
 pub struct Stream {
-    inner: BoxRead,
+    inner: Source,
     compression: Vec<Compression>,
     /// Bytes `0..head.len()` of the image, kept for parsing.
     head: Vec<u8>,
@@ -60,6 +84,16 @@ impl Stream {
     /// A stream over the image bytes `inner` (already unwrapped from `compression`, which is
     /// only used to name the wrapper when reading fails).
     pub fn new(inner: BoxRead, compression: Vec<Compression>) -> Self {
+        Self::with_source(Source::Read(inner), compression)
+    }
+
+    /// A stream over uncompressed image bytes from a source that lends them
+    /// ([`Stream::lend`]).
+    pub fn lending(inner: Box<dyn Lend>) -> Self {
+        Self::with_source(Source::Lend(inner), Vec::new())
+    }
+
+    fn with_source(inner: Source, compression: Vec<Compression>) -> Self {
         Self {
             inner,
             compression,
@@ -201,6 +235,37 @@ impl Stream {
         Ok(n)
     }
 
+    /// The next bytes, at most `max`, without a copy: from the head while the position is in
+    /// it, else lent by the source. `None` when the source does not lend (then
+    /// [`Stream::read`]); an empty slice at the end.
+    pub fn lend(&mut self, max: usize) -> Result<Option<&[u8]>> {
+        if self.pos < self.head.len() as u64 && !self.released {
+            if !matches!(self.inner, Source::Lend(_)) {
+                return Ok(None);
+            }
+            let from = self.pos as usize;
+            let n = max.min(self.head.len() - from);
+            self.pos += n as u64;
+            return Ok(Some(&self.head[from..from + n]));
+        }
+        let Source::Lend(lender) = &mut self.inner else {
+            return Ok(None);
+        };
+        if self.eof || max == 0 {
+            return Ok(Some(&[]));
+        }
+        let bytes = lender
+            .lend(max)
+            .map_err(|e| Error::io("reading the image", e))?;
+        if bytes.is_empty() {
+            self.eof = true;
+        }
+        let n = bytes.len().min(max) as u64;
+        self.pulled += n;
+        self.pos += n;
+        Ok(Some(&bytes[..n as usize]))
+    }
+
     /// Fills `buf` as far as the image goes; returns how many bytes that was.
     pub fn read_full(&mut self, buf: &mut [u8]) -> Result<usize> {
         let mut filled = 0;
@@ -241,6 +306,21 @@ impl Stream {
                 self.pos
             ));
         }
+        while self.pos < offset {
+            // A lending source is passed over without a copy.
+            let want = ((offset - self.pos) as usize).min(1 << 20);
+            match self.lend(want)? {
+                Some([]) => {
+                    return Err(err!(
+                        Truncated,
+                        "the image is truncated: it ends at byte {} before {what} at byte {offset}; download it again",
+                        self.pos
+                    ));
+                }
+                Some(_) => continue,
+                None => break,
+            }
+        }
         let mut scratch = PageBuf::new((offset - self.pos).min(1 << 20) as usize);
         while self.pos < offset {
             let want = ((offset - self.pos) as usize).min(scratch.len());
@@ -258,8 +338,15 @@ impl Stream {
 
     /// Reads to the end, discarding; returns how many bytes that was.
     pub fn drain(&mut self) -> Result<u64> {
-        let mut scratch = PageBuf::new(1 << 20);
         let mut total = 0u64;
+        loop {
+            match self.lend(1 << 20)? {
+                Some([]) => return Ok(total),
+                Some(lent) => total += lent.len() as u64,
+                None => break,
+            }
+        }
+        let mut scratch = PageBuf::new(1 << 20);
         loop {
             let n = self.read(&mut scratch)?;
             if n == 0 {

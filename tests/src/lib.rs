@@ -193,6 +193,51 @@ pub enum Feed {
     File,
     /// The same bytes as a forward-only stream (as from standard input or HTTP).
     Stream,
+    /// The same bytes lent in chunks of awkward, changing sizes (as the importer lends an
+    /// HTTP body to its check), through [`dvcr_formats::decode_lent`]. Uncompressed images
+    /// only.
+    Lent,
+}
+
+/// A file lent in chunks whose sizes cycle through odd values from 1 byte to 1 MiB + 1.
+#[derive(Debug)]
+pub struct AwkwardChunks {
+    file: fs::File,
+    buf: Vec<u8>,
+    turn: usize,
+}
+
+impl AwkwardChunks {
+    const SIZES: [usize; 7] = [65_536 + 1, 1, 300_007, 4_093, (1 << 20) + 1, 12_288, 511];
+
+    pub fn new(file: fs::File) -> Self {
+        Self {
+            file,
+            buf: vec![0; (1 << 20) + 1],
+            turn: 0,
+        }
+    }
+}
+
+impl std::io::Read for AwkwardChunks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Read::read(&mut self.file, buf)
+    }
+}
+
+impl dvcr_formats::Lend for AwkwardChunks {
+    fn lend(&mut self, max: usize) -> std::io::Result<&[u8]> {
+        let want = Self::SIZES[self.turn % Self::SIZES.len()].min(max);
+        self.turn += 1;
+        let mut have = 0;
+        while have < want {
+            match std::io::Read::read(&mut self.file, &mut self.buf[have..want])? {
+                0 => break,
+                n => have += n,
+            }
+        }
+        Ok(&self.buf[..have])
+    }
 }
 
 /// Opens `image` as a decoder source: the bytes, and random access to them when `feed` is
@@ -213,7 +258,7 @@ pub fn open_image(
                 len,
             )) as dvcr_formats::RandomAccess)
         }
-        Feed::Stream => None,
+        Feed::Stream | Feed::Lent => None,
     };
     (Box::new(file), random)
 }
@@ -235,8 +280,13 @@ pub fn decode_to_raw(
             .unwrap_or("image")
     ));
     let writer = DiskWriter::create(&out, TargetOptions::default())?;
-    let (file, random) = open_image(image, feed);
-    let decoded = dvcr_formats::decode(file, random, &writer, opts)?;
+    let decoded = if feed == Feed::Lent {
+        let file = fs::File::open(image).expect("opening the image");
+        dvcr_formats::decode_lent(Box::new(AwkwardChunks::new(file)), &writer, opts)?
+    } else {
+        let (file, random) = open_image(image, feed);
+        dvcr_formats::decode(file, random, &writer, opts)?
+    };
     writer.finish()?;
     Ok((decoded, out))
 }
@@ -267,10 +317,23 @@ pub fn assert_same_as_qemu(image: &Path, format: &str, raw: &Path) {
     );
 }
 
-/// Decodes `image` from a file and from a stream, and checks both against qemu.
+/// Decodes `image` from a file, from a stream and (uncompressed images) from lent chunks, and
+/// checks each against qemu.
 pub fn decodes_like_qemu(scratch: &Scratch, image: &Path, format: &str) -> dvcr_formats::Decoded {
     let mut last = None;
-    for feed in [Feed::File, Feed::Stream] {
+    let mut magic = [0u8; dvcr_formats::compress::MAGIC_LEN];
+    let magic_len = std::io::Read::read(
+        &mut fs::File::open(image).expect("opening the image"),
+        &mut magic,
+    )
+    .expect("reading the image's first bytes");
+    let plain = dvcr_formats::compress::detect(&magic[..magic_len]).is_none();
+    let feeds: &[Feed] = if plain {
+        &[Feed::File, Feed::Stream, Feed::Lent]
+    } else {
+        &[Feed::File, Feed::Stream]
+    };
+    for &feed in feeds {
         let (decoded, raw) = decode_to_raw(scratch, image, feed, &dvcr_formats::Options::default())
             .unwrap_or_else(|e| panic!("decoding {} ({feed:?}) failed: {e}", image.display()));
         assert_same_as_qemu(image, format, &raw);

@@ -255,6 +255,9 @@ struct Decoder<'a, 'o> {
     l2_wanted: BTreeMap<u64, Vec<u64>>,
     /// L2 tables read, by host offset (a table the stream passes is not taken for data).
     l2_seen: BTreeSet<u64>,
+    /// An L2 table cut by the end of a chunk (lent chunks end anywhere): its host offset
+    /// and its bytes so far. It stays in `l2_wanted` until complete.
+    l2_partial: Option<(u64, Vec<u8>)>,
     /// Data clusters ahead: (host offset, guest offset) -> run.
     runs: BTreeMap<(u64, u64), Run>,
     /// Compressed clusters ahead: (host byte offset, guest offset) -> cluster.
@@ -289,6 +292,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
             l1_bytes: Vec::new(),
             l2_wanted: BTreeMap::new(),
             l2_seen: BTreeSet::new(),
+            l2_partial: None,
             runs: BTreeMap::new(),
             compressed: BTreeMap::new(),
             partial: Vec::new(),
@@ -312,20 +316,36 @@ impl<'a, 'o> Decoder<'a, 'o> {
             let bytes = self.read_behind(self.h.l1_table_offset, self.l1_len(), "the L1 table")?;
             self.parse_l1(&bytes)?;
         }
-        let mut buf = PageBuf::new(CHUNK as usize);
+        let mut buf = PageBuf::default();
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 return Ok(()); // the thread's error is reported by the caller
             }
-            let n = stream.read_full(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            self.chunk(&buf[..n])?;
+            // A source that lends its own buffers is looked at in place (chunks of any
+            // size); others are read into ours, 4 MiB at a time.
+            let n = match stream.lend(CHUNK as usize)? {
+                Some(lent) => {
+                    if lent.is_empty() {
+                        break;
+                    }
+                    self.chunk(lent)?;
+                    lent.len()
+                }
+                None => {
+                    buf.ensure(CHUNK as usize);
+                    let n = stream.read_full(&mut buf[..CHUNK as usize])?;
+                    if n == 0 {
+                        break;
+                    }
+                    self.chunk(&buf[..n])?;
+                    if n < CHUNK as usize {
+                        self.pos += n as u64;
+                        break;
+                    }
+                    n
+                }
+            };
             self.pos += n as u64;
-            if n < buf.len() {
-                break;
-            }
             if !self.may_still_claim()
                 && self.runs.is_empty()
                 && self.compressed.is_empty()
@@ -366,21 +386,40 @@ impl<'a, 'o> Decoder<'a, 'o> {
                 }
             }
         }
+        // The rest of a table cut by the previous chunk's end (or begun before this chunk
+        // and named by the L1 just read).
+        if let Some((host, mut bytes)) = self.l2_partial.take() {
+            let take = (self.cluster as usize - bytes.len()).min(chunk.len());
+            bytes.extend_from_slice(&chunk[..take]);
+            claimed.push((start, start + take as u64));
+            if bytes.len() == self.cluster as usize {
+                self.read_l2(host, &bytes)?;
+            } else {
+                self.l2_partial = Some((host, bytes));
+            }
+        }
         loop {
-            let here: Vec<u64> = self.l2_wanted.range(start..end).map(|(&k, _)| k).collect();
+            let here: Vec<u64> = self
+                .l2_wanted
+                .range(start..end)
+                .map(|(&k, _)| k)
+                .filter(|&k| self.l2_partial.as_ref().is_none_or(|(p, _)| *p != k))
+                .collect();
             if here.is_empty() {
                 break;
             }
             for host in here {
                 let from = (host - start) as usize;
                 let to = from + self.cluster as usize;
-                let table = chunk.get(from..to).ok_or_else(|| {
-                    err!(
-                        Truncated,
-                        "the image is truncated inside the qcow2 L2 table at byte {host}; download it again"
-                    )
-                })?;
-                self.read_l2(host, table)?;
+                match chunk.get(from..to) {
+                    Some(table) => self.read_l2(host, table)?,
+                    // The table goes on in the next chunk (or the image ends inside it,
+                    // which `finish` reports as truncation).
+                    None => {
+                        claimed.push((host, end));
+                        self.l2_partial = Some((host, chunk[from..].to_vec()));
+                    }
+                }
             }
         }
         for &host in self.l2_seen.range(start..end) {
@@ -563,7 +602,20 @@ impl<'a, 'o> Decoder<'a, 'o> {
         }
         self.l1 = Some(l1);
         for (l2, index) in wanted {
-            if l2 < self.pos || self.upfront {
+            let straddles = l2 < self.pos && self.pos < l2 + self.cluster;
+            if straddles && !self.upfront && self.l2_partial.is_none() {
+                // The table goes on into the chunk at hand (chunks end anywhere): its
+                // first bytes were kept, the rest is taken from the chunk.
+                let mut bytes = vec![0u8; (self.pos - l2) as usize];
+                if self.pending.read(l2, &mut bytes)? {
+                    self.l2_partial = Some((l2, bytes));
+                    self.l2_wanted.entry(l2).or_default().push(index);
+                    continue;
+                }
+            }
+            if self.l2_partial.as_ref().is_some_and(|(p, _)| *p == l2) {
+                self.l2_wanted.entry(l2).or_default().push(index);
+            } else if l2 < self.pos || self.upfront {
                 let table = self.read_behind(l2, self.cluster as usize, "L2 table")?;
                 self.parse_l2(index, &table)?;
                 self.l2_seen.insert(l2);
@@ -682,16 +734,23 @@ impl<'a, 'o> Decoder<'a, 'o> {
     }
 
     fn map_data(&mut self, host: u64, guest: u64, len: u64) -> Result<()> {
+        let (mut host, mut guest, mut len) = (host, guest, len);
         if host < self.pos {
+            // Bytes the stream has passed; a run may also go on into the chunk at hand
+            // (chunks end anywhere), and that part streams past like any other.
+            let behind = (self.pos - host).min(len);
             let mut at = 0;
-            while at < len {
-                let n = (len - at).min(CHUNK);
+            while at < behind {
+                let n = (behind - at).min(CHUNK);
                 let bytes = self.read_behind(host + at, n as usize, "data cluster")?;
                 self.out.write(guest + at, &bytes)?;
                 at += n;
             }
-            self.pending.forget(host, len);
-            return Ok(());
+            self.pending.forget(host, behind);
+            if behind == len {
+                return Ok(());
+            }
+            (host, guest, len) = (host + behind, guest + behind, len - behind);
         }
         // Extend the previous run when both sides continue it (the common case).
         if let Some((&(h, g), run)) = self.runs.range(..(host, guest)).next_back()
@@ -729,6 +788,17 @@ impl<'a, 'o> Decoder<'a, 'o> {
             ));
         }
         if host < self.pos {
+            let behind = self.pos - host;
+            if behind < c.max_len && self.random.is_none() {
+                // The cluster goes on into the chunk at hand: its first bytes were kept,
+                // the rest is taken as the chunk is processed.
+                let mut bytes = vec![0u8; behind as usize];
+                if self.pending.read(host, &mut bytes)? {
+                    self.pending.forget(host, behind);
+                    self.partial.push((c, bytes));
+                    return Ok(());
+                }
+            }
             let bytes = self.read_behind_compressed(host, c.max_len)?;
             return self.submit(c, &bytes);
         }
@@ -843,6 +913,188 @@ mod tests {
         (r, sink)
     }
 
+    /// Lends `bytes` in chunks of the sizes `sizes` cycles through (as HTTP bodies arrive),
+    /// or, with `cuts`, in chunks that end at those image offsets.
+    struct Chunks {
+        bytes: Vec<u8>,
+        at: usize,
+        sizes: &'static [usize],
+        cuts: &'static [usize],
+        turn: usize,
+    }
+
+    impl std::io::Read for Chunks {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.bytes.len() - self.at);
+            buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    impl crate::Lend for Chunks {
+        fn lend(&mut self, max: usize) -> std::io::Result<&[u8]> {
+            let size = if self.cuts.is_empty() {
+                self.sizes[self.turn % self.sizes.len()]
+            } else {
+                let at = self.at;
+                self.cuts
+                    .iter()
+                    .find(|&&c| c > at)
+                    .map_or(usize::MAX, |c| c - at)
+            };
+            self.turn += 1;
+            let n = size.min(max).min(self.bytes.len() - self.at);
+            self.at += n;
+            Ok(&self.bytes[self.at - n..self.at])
+        }
+    }
+
+    fn run_lent(bytes: Vec<u8>, sizes: &'static [usize]) -> (Result<crate::Decoded>, MemorySink) {
+        run_chunks(bytes, sizes, &[])
+    }
+
+    /// Decodes from chunks that end at the image offsets `cuts` (and where the head ends).
+    fn run_cut(bytes: Vec<u8>, cuts: &'static [usize]) -> (Result<crate::Decoded>, MemorySink) {
+        run_chunks(bytes, &[1 << 20], cuts)
+    }
+
+    fn run_chunks(
+        bytes: Vec<u8>,
+        sizes: &'static [usize],
+        cuts: &'static [usize],
+    ) -> (Result<crate::Decoded>, MemorySink) {
+        let sink = MemorySink::new(64 << 20);
+        let source = Chunks {
+            bytes,
+            at: 0,
+            sizes,
+            cuts,
+            turn: 0,
+        };
+        let r = crate::decode_lent(Box::new(source), &sink, &Options::default());
+        (r, sink)
+    }
+
+    /// Chunk sizes that cut tables, clusters and compressed data at odd places.
+    const AWKWARD: [&[usize]; 4] = [
+        &[1],
+        &[4093, 65_537, 7],
+        &[C / 2 + 3, 2 * C + 1, 300_000],
+        &[L2_AT + 100, 17, C - 1],
+    ];
+
+    #[test]
+    fn lent_chunks_of_any_size_decode_like_one_read_through_a_buffer() {
+        let plain = vec![0x5au8; C];
+        let packed = deflate(&vec![0x6bu8; C]);
+        let mut data = plain.clone();
+        data.extend_from_slice(&packed);
+        let entries = [
+            (2, DATA_AT as u64),
+            (5, compressed_entry(DATA_AT + C, packed.len())),
+        ];
+        let bytes = image(&entries, &data);
+        let (read, read_sink) = run(bytes.clone());
+        let read = read.map(|d| (d.image_bytes, d.data_bytes));
+        assert!(read.is_ok(), "{read:?}");
+        for sizes in AWKWARD {
+            let (lent, lent_sink) = run_lent(bytes.clone(), sizes);
+            assert_eq!(
+                lent.map(|d| (d.image_bytes, d.data_bytes)).ok(),
+                read.as_ref().ok().copied(),
+                "chunks of {sizes:?}"
+            );
+            assert!(
+                lent_sink.contents() == read_sink.contents(),
+                "chunks of {sizes:?} gave another disk"
+            );
+        }
+    }
+
+    /// `image(entries, data)` with its L2 table moved after the data (as `qemu-img convert
+    /// -c` and copy-on-write after a snapshot lay it out).
+    fn image_with_l2_last(entries: &[(usize, u64)], data: &[u8]) -> Vec<u8> {
+        let mut b = image(entries, data);
+        b.resize(b.len().next_multiple_of(C), 0);
+        let moved = b.len();
+        let table = b[L2_AT..L2_AT + C].to_vec();
+        b[L2_AT..L2_AT + C].fill(0);
+        b.extend_from_slice(&table);
+        b[L1_AT..L1_AT + 8].copy_from_slice(&(moved as u64).to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn clusters_the_stream_passed_in_part_when_their_table_came_decode_from_lent_chunks() {
+        let packed = deflate(&vec![0x6bu8; C]);
+        let mut data = vec![0x5au8; C];
+        data.extend_from_slice(&packed);
+        let entries = [
+            (2, DATA_AT as u64),
+            (5, compressed_entry(DATA_AT + C, packed.len())),
+        ];
+        let bytes = image_with_l2_last(&entries, &data);
+        let (read, read_sink) = run(bytes.clone());
+        assert!(read.is_ok(), "{read:?}");
+        assert!(
+            read_sink.contents()[5 * C..6 * C]
+                .iter()
+                .all(|&b| b == 0x6b)
+        );
+        // The first chunk ends inside the plain cluster, or inside the compressed one; the
+        // second holds the rest of it and the L2 table that maps it.
+        static CUT_IN_DATA: [usize; 1] = [DATA_AT + 100];
+        static CUT_IN_PACKED: [usize; 1] = [DATA_AT + C + 100];
+        for sizes in [&CUT_IN_DATA[..], &CUT_IN_PACKED[..]] {
+            let (lent, lent_sink) = run_cut(bytes.clone(), sizes);
+            assert!(lent.is_ok(), "chunks of {sizes:?}: {lent:?}");
+            assert!(
+                lent_sink.contents() == read_sink.contents(),
+                "chunks of {sizes:?} gave another disk"
+            );
+        }
+    }
+
+    #[test]
+    fn an_l2_table_begun_before_the_chunk_that_holds_the_l1_decodes_from_lent_chunks() {
+        // L1 after the L2 table, in the chunk that also holds the L2 table's end.
+        let entries = [(2, DATA_AT as u64)];
+        let mut bytes = image(&entries, &[0x5a; C]);
+        let l1 = bytes[L1_AT..L1_AT + 8].to_vec();
+        bytes[L1_AT..L1_AT + 8].fill(0);
+        let moved_l1 = bytes.len();
+        bytes.extend_from_slice(&l1);
+        bytes.resize(moved_l1 + C, 0);
+        bytes[40..48].copy_from_slice(&(moved_l1 as u64).to_be_bytes());
+        let (read, read_sink) = run(bytes.clone());
+        assert!(read.is_ok(), "{read:?}");
+        static CUT_IN_L2: [usize; 1] = [L2_AT + 100];
+        let (lent, lent_sink) = run_cut(bytes, &CUT_IN_L2);
+        assert!(lent.is_ok(), "{lent:?}");
+        assert!(lent_sink.contents() == read_sink.contents());
+        assert!(
+            lent_sink.contents()[2 * C..3 * C]
+                .iter()
+                .all(|&b| b == 0x5a)
+        );
+    }
+
+    #[test]
+    fn an_image_cut_inside_its_l2_table_is_truncated_whatever_the_chunks() {
+        let bytes = image(&[(2, DATA_AT as u64)], &[0x5a; C]);
+        for cut in [L2_AT + 1, L2_AT + C / 2, L2_AT + C - 1] {
+            for sizes in AWKWARD {
+                let (r, _) = run_lent(bytes[..cut].to_vec(), sizes);
+                let e = r.err().map(|e| (e.kind(), e.to_string()));
+                assert!(
+                    matches!(&e, Some((ErrorKind::Truncated, m)) if m.contains("L2 table")),
+                    "cut at {cut}, chunks of {sizes:?}: {e:?}"
+                );
+            }
+        }
+    }
+
     fn deflate(data: &[u8]) -> Vec<u8> {
         let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(data).ok();
@@ -946,8 +1198,10 @@ mod tests {
         let full = image(&entries, &data);
         for cut in (0..full.len()).step_by(4093) {
             let (r, _) = run(full[..cut].to_vec());
+            let (lent, _) = run_lent(full[..cut].to_vec(), AWKWARD[2]);
             if cut > L2_AT {
                 assert!(r.is_err(), "cut at {cut} decoded");
+                assert!(lent.is_err(), "cut at {cut} decoded from lent chunks");
             }
         }
     }
@@ -967,6 +1221,7 @@ mod tests {
             for value in [0xffu8, 0x80, 0x01] {
                 let mut bytes = full.clone();
                 bytes[at] ^= value;
+                let _ = run_lent(bytes.clone(), AWKWARD[1]);
                 let _ = run(bytes);
             }
         }
