@@ -271,6 +271,38 @@ fn finishing_an_upload_with_the_wrong_digest_is_a_digest_error_and_an_abort_leav
     assert_eq!(client.blob_exists(&r, &sha256(b"")).unwrap(), Some(0));
 }
 
+#[test]
+fn dvcr_names_a_streamed_blob_by_the_bytes_it_received_so_the_client_need_not_hash_it() {
+    let reg = Registry::start();
+    let client = client();
+    let r = reference(&reg.addr, "vi/ns/named:v1");
+    let data = common::noise((5 << 20) + 333, 9);
+
+    let mut upload = client.upload_blob(&r).unwrap();
+    assert!(
+        upload.registry_names_blob(),
+        "dvcr answers with Dvcr-Upload-Digest"
+    );
+    for piece in data.chunks(300_001) {
+        upload.write_all(piece).unwrap();
+    }
+    let digest = upload.finish_named().unwrap();
+    assert_eq!(
+        digest,
+        sha256(&data),
+        "the name is the hash of the bytes sent"
+    );
+    assert_eq!(
+        client.blob_exists(&r, &digest).unwrap(),
+        Some(data.len() as u64)
+    );
+
+    // Nothing sent: the empty blob, named without a request body.
+    let upload = client.upload_blob(&r).unwrap();
+    assert_eq!(upload.finish_named().unwrap(), sha256(b""));
+    assert_eq!(client.blob_exists(&r, &sha256(b"")).unwrap(), Some(0));
+}
+
 // ---- Images made by other tools ----
 
 fn skopeo(args: &[&str]) {
@@ -790,6 +822,14 @@ fn docker_registry_with_htpasswd_takes_a_streamed_push_from_the_client_and_serve
     let r = reference(&registry.addr, "vi/ns/peer:v2");
     let data = common::noise(6 << 20, 51);
     let layer = disk_layer("disk.qcow2", &data);
+
+    // Distribution does not name blobs: a writer that counted on it fails, nothing stored.
+    let mut upload = alice.upload_blob(&r).unwrap();
+    assert!(!upload.registry_names_blob());
+    upload.write_all(&layer).unwrap();
+    let e = upload.finish_named().unwrap_err();
+    assert!(e.to_string().contains("Dvcr-Upload-Digest"), "{e}");
+    assert_eq!(alice.blob_exists(&r, &sha256(&layer)).unwrap(), None);
 
     let mut upload = alice.upload_blob(&r).unwrap();
     for piece in layer.chunks(777_777) {

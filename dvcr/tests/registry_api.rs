@@ -440,6 +440,46 @@ fn out_of_order_and_replayed_chunks_are_refused_with_416() {
 }
 
 #[test]
+fn every_upload_answer_names_the_bytes_received_so_far_in_dvcr_upload_digest() {
+    let root = Scratch::new();
+    let server = Server::start(&root.path("root"), &[]);
+    let blob = data(250_000, 12);
+    let named = |r: &Response| r.header("dvcr-upload-digest").map(str::to_owned);
+    let r = server.request("POST", "/v2/repo/blobs/uploads/", &[], Body::None);
+    assert_eq!(r.status, 202);
+    assert_eq!(named(&r), Some(digest(b"")), "a new session holds nothing");
+    let loc = r.header("location").unwrap().to_owned();
+    let r = server.request(
+        "PATCH",
+        &loc,
+        &[("Content-Range", "0-99999")],
+        Body::Bytes(&blob[..100_000]),
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(named(&r), Some(digest(&blob[..100_000])));
+    // A refused chunk leaves the session, and its name, as they were.
+    let r = server.request(
+        "PATCH",
+        &loc,
+        &[("Content-Range", "50000-59999")],
+        Body::Bytes(&blob[50_000..60_000]),
+    );
+    assert_eq!(r.status, 416);
+    assert_eq!(named(&r), Some(digest(&blob[..100_000])));
+    let parts: Vec<&[u8]> = blob[100_000..].chunks(40_000).collect();
+    let r = server.request("PATCH", &loc, &[], Body::Chunked(parts));
+    assert_eq!(r.status, 202);
+    assert_eq!(named(&r), Some(digest(&blob)));
+    let loc = r.header("location").unwrap().to_owned();
+    let r = server.get(&loc);
+    assert_eq!(r.status, 204);
+    assert_eq!(named(&r), Some(digest(&blob)), "the status names them too");
+    let r = server.request("PUT", &with_digest(&loc, &digest(&blob)), &[], Body::None);
+    assert_eq!(r.status, 201);
+    assert_blob(&server, "repo", &blob);
+}
+
+#[test]
 fn a_digest_mismatch_is_refused_and_leaves_no_blob() {
     let root = Scratch::new();
     let server = Server::start(&root.path("root"), &[]);
@@ -480,6 +520,24 @@ fn two_concurrent_pushes_of_the_same_blob_both_succeed() {
     });
     assert_eq!(results, [201, 201]);
     assert_blob(&server, "repo", &blob);
+    assert_eq!(blob_files(&root.path("root")).len(), 1);
+    // A third push of the same bytes: its copy is freed after the answer, and soon.
+    assert_eq!(push_streamed(&server, "repo", &blob).status, 201);
+    let leftovers = || {
+        ["uploads", "tmp"]
+            .iter()
+            .map(|d| {
+                std::fs::read_dir(root.path("root").join(d))
+                    .unwrap()
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while leftovers() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(leftovers(), 0, "no upload data is left behind");
     assert_eq!(blob_files(&root.path("root")).len(), 1);
 }
 

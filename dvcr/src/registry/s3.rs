@@ -289,6 +289,13 @@ impl S3Session {
         self.state.assembled
     }
 
+    /// SHA-256 of the bytes received so far (`None` when the saved state is damaged).
+    pub fn received_sha256(&self) -> Option<[u8; 32]> {
+        load_hasher(&self.state.sha256)
+            .ok()
+            .map(|h| h.finalize().into())
+    }
+
     /// When the session started.
     pub fn started(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.state.started)

@@ -161,6 +161,18 @@ impl Session {
         self.closed
     }
 
+    /// The digest of the bytes received so far, when the running hash is at hand (it is
+    /// after every successful request; after a restart it is rebuilt by the next write).
+    /// Sent as `Dvcr-Upload-Digest` so a client can name the blob without hashing it again.
+    pub fn received_digest(&self) -> Option<Digest> {
+        let bytes: [u8; 32] = match (&self.s3, &self.sha256) {
+            (Some(s3), _) => s3.received_sha256()?,
+            (None, Some(h)) => h.clone().finalize().into(),
+            (None, None) => return None,
+        };
+        Some(Digest::from_bytes(Algorithm::Sha256, &bytes))
+    }
+
     /// The point to come back to with [`Storage::rollback`] if a chunk turns out invalid.
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
@@ -516,9 +528,13 @@ impl Storage {
         for dir in ["blobs", "repositories", "uploads", "tmp"] {
             fs::create_dir_all(root.join(dir))?;
         }
-        // Temp files of a previous run are garbage: their rename never happened.
+        // Temp files of a previous run are garbage: their rename never happened (or they are
+        // the data of a duplicate upload whose removal was cut short).
         for entry in fs::read_dir(root.join("tmp"))? {
-            let _ = fs::remove_file(entry?.path());
+            let path = entry?.path();
+            if fs::remove_file(&path).is_err() {
+                let _ = fs::remove_dir_all(&path);
+            }
         }
         let mut sessions = self.sessions();
         for entry in fs::read_dir(root.join("uploads"))? {
@@ -909,7 +925,8 @@ impl Storage {
                     hasher = Some(hash_file::<Sha256>(&path, start)?);
                 }
                 // The frames are hashed and written where they are (the request body's
-                // own buffers): no copy in user space.
+                // own buffers): no copy in user space. (A hash thread beside the writes
+                // measured slower on two cores: 4.45 CPU-s against 3.98 per 2 GiB.)
                 while let Some(frames) = rx.blocking_recv() {
                     if let Some(h) = hasher.as_mut() {
                         for f in &frames {
@@ -1021,7 +1038,7 @@ impl Storage {
             };
             if actual != d {
                 let _ = fs::remove_dir_all(&dir);
-                return Ok(Commit::Mismatch(actual));
+                return Ok((Commit::Mismatch(actual), None));
             }
             let target = s.blob_path(&d);
             let target_dir = target
@@ -1029,10 +1046,22 @@ impl Storage {
                 .ok_or_else(|| io::Error::other("blob path without a parent"))?;
             fs::create_dir_all(target_dir)?;
             s.protect_blob(&d);
-            if target.exists() {
-                // Same digest, same bytes: keep the existing file, mark it fresh for GC.
+            let duplicate = target.exists();
+            let mut leftover = None;
+            if duplicate {
+                // Same digest, same bytes: keep the existing file, mark it fresh for GC. The
+                // upload is moved aside (its session is gone at once, even after a crash)
+                // and freed after the answer: the client need not wait while gigabytes of
+                // pages are released (0.4 s for 2 GiB on tmpfs).
                 touch(&target);
                 drop(file);
+                let aside = s.inner.root.join("tmp").join(format!("upload-{id}"));
+                match fs::rename(&dir, &aside) {
+                    Ok(()) => leftover = Some(aside),
+                    Err(_) => {
+                        let _ = fs::remove_dir_all(&dir);
+                    }
+                }
             } else {
                 file.sync_all()?;
                 drop(file);
@@ -1041,12 +1070,18 @@ impl Storage {
                 if let Some(m) = s.metrics() {
                     m.blob_stored(offset);
                 }
+                let _ = fs::remove_dir_all(&dir);
             }
-            let _ = fs::remove_dir_all(&dir);
             s.link_sync(&repository, &d)?;
-            Ok(Commit::Done(offset))
+            Ok((Commit::Done(offset), leftover))
         })
-        .await;
+        .await
+        .map(|(commit, leftover)| {
+            if let Some(dir) = leftover {
+                tokio::task::spawn_blocking(move || fs::remove_dir_all(dir));
+            }
+            commit
+        });
         // Whatever happened, the session is over unless the failure was an I/O error before
         // the hash was checked, which the client may retry on the same session.
         match &result {

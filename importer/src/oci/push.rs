@@ -3,6 +3,11 @@
 //! `?digest=`), cross-repository mounts (DVCR to DVCR without moving data), small blobs in
 //! one request, and manifests.
 //!
+//! A registry that answers upload sessions with `Dvcr-Upload-Digest` (DVCR does) names the
+//! blob itself: it hashes every byte anyway to verify it, so the writer can complete with
+//! that digest ([`BlobWriter::finish_named`]) instead of hashing the stream a second time.
+//! The session's `Range` must then account for exactly the bytes sent.
+//!
 //! The streamed PATCH goes through the HTTP client without a read timeout (reqwest's would
 //! count the whole upload); instead a watchdog fails the upload when the registry takes no
 //! bytes for [`IDLE_TIMEOUT`] while some are waiting, or gives no answer for ten idle
@@ -117,11 +122,13 @@ impl Client {
     pub fn upload_blob(&self, to: &Reference) -> Result<BlobWriter, OciError> {
         let core = self.core();
         let r = to.clone();
-        let location = self.run(async move { start_upload(&core, &r).await })?;
+        let (location, named) = self.run(async move { start_upload(&core, &r).await })?;
         Ok(BlobWriter {
             client: self.clone(),
             reference: to.clone(),
             location,
+            names_blobs: named,
+            named: None,
             buffer: BytesMut::with_capacity(UPLOAD_CHUNK),
             stream: None,
             written: 0,
@@ -138,7 +145,7 @@ impl Client {
         let body = Bytes::copy_from_slice(bytes);
         let d = digest.clone();
         self.run(async move {
-            let session = start_upload(&core, &r).await?;
+            let (session, _) = start_upload(&core, &r).await?;
             let what = format!(
                 "uploading blob {d} ({} bytes) to {}",
                 body.len(),
@@ -230,8 +237,23 @@ fn repo_view(r: &Reference) -> String {
     format!("{}/{}", r.registry, r.repository)
 }
 
-/// POSTs a new upload session and returns its location.
-async fn start_upload(core: &Core, r: &Reference) -> Result<Url, OciError> {
+/// The name of the header in which DVCR gives the digest of an upload's bytes so far.
+const UPLOAD_DIGEST: &str = "dvcr-upload-digest";
+
+/// The `sha256:` digest a registry gives in `Dvcr-Upload-Digest`, if it gives a valid one.
+fn named_digest(headers: &HeaderMap) -> Option<String> {
+    let text = header_text(headers, UPLOAD_DIGEST)?.trim();
+    let digest = parse_digest(text).ok()?;
+    digest.starts_with("sha256:").then_some(digest)
+}
+
+/// The empty blob's digest: what a registry that names blobs says of a new session.
+const EMPTY_SHA256: &str =
+    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// POSTs a new upload session: its location, and whether the registry names blobs (answers
+/// with `Dvcr-Upload-Digest`, the empty blob's digest for a new session).
+async fn start_upload(core: &Core, r: &Reference) -> Result<(Url, bool), OciError> {
     let what = format!("starting an upload to {}", repo_view(r));
     let url = core
         .url(&r.registry, &format!("{}/blobs/uploads/", r.repository))
@@ -252,7 +274,8 @@ async fn start_upload(core: &Core, r: &Reference) -> Result<Url, OciError> {
         }
         return Err(core.status_error(resp, &what, &r.registry).await);
     }
-    location(&resp, &url, &what)
+    let names = named_digest(resp.headers()).is_some_and(|d| d == EMPTY_SHA256);
+    Ok((location(&resp, &url, &what)?, names))
 }
 
 /// The `Location` of an answer, resolved against the request's URL.
@@ -374,7 +397,7 @@ impl Progress {
 #[derive(Debug)]
 struct Streaming {
     chunks: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
-    result: std::sync::mpsc::Receiver<Result<Url, OciError>>,
+    result: std::sync::mpsc::Receiver<Result<Patched, OciError>>,
     task: tokio::task::JoinHandle<()>,
     progress: Arc<Progress>,
 }
@@ -387,6 +410,10 @@ pub struct BlobWriter {
     client: Client,
     reference: Reference,
     location: Url,
+    /// The registry names blobs (`Dvcr-Upload-Digest`).
+    names_blobs: bool,
+    /// The registry's digest after the body was sent, with the bytes it said it holds.
+    named: Option<(Option<String>, Option<u64>)>,
     buffer: BytesMut,
     stream: Option<Streaming>,
     written: u64,
@@ -397,6 +424,12 @@ impl BlobWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Whether the registry names the blob (then [`BlobWriter::finish_named`] completes the
+    /// upload and the caller need not hash what it writes).
+    pub fn registry_names_blob(&self) -> bool {
+        self.names_blobs
     }
 
     /// Starts the PATCH whose body is the channel.
@@ -458,10 +491,52 @@ impl BlobWriter {
             self.written,
             repo_view(&self.reference)
         );
+        let session = self.send_rest(&what)?;
+        self.complete(session, digest, what)
+    }
+
+    /// Completes the upload under the digest the registry gives for the bytes it received
+    /// (only when [`BlobWriter::registry_names_blob`]); returns that digest. Fails when the
+    /// registry does not name them or says it holds another number of bytes than were sent.
+    pub fn finish_named(mut self) -> Result<String, OciError> {
+        let what = format!(
+            "completing the upload of {} bytes to {}",
+            self.written,
+            repo_view(&self.reference)
+        );
+        if !self.names_blobs {
+            return Err(OciError::invalid(format!(
+                "{what}: the registry does not name uploaded blobs (no Dvcr-Upload-Digest)"
+            )));
+        }
+        let session = self.send_rest(&what)?;
+        let (digest, received) = match self.named.take() {
+            Some(answer) => answer,
+            // Nothing was sent: the session is as new.
+            None => (Some(EMPTY_SHA256.to_owned()), Some(0)),
+        };
+        let Some(digest) = digest else {
+            return Err(OciError::invalid(format!(
+                "{what}: the registry answered without Dvcr-Upload-Digest; nothing was published"
+            )));
+        };
+        if received != Some(self.written) {
+            let held = received.map_or_else(|| "no Range".to_owned(), |n| format!("{n} bytes"));
+            return Err(OciError::transient(format!(
+                "{what}: the registry holds {held} of the {} sent; nothing was published, try again",
+                self.written
+            )));
+        }
+        self.complete(session, digest.clone(), what)?;
+        Ok(digest)
+    }
+
+    /// Sends what is buffered and ends the body: the session's next location.
+    fn send_rest(&mut self, what: &str) -> Result<Url, OciError> {
         if !self.buffer.is_empty() {
             let rest = self.buffer.split().freeze();
             self.send(rest)
-                .map_err(|e| OciError::from_io_error(e, &what))?;
+                .map_err(|e| OciError::from_io_error(e, what))?;
         }
         let session = match self.stream.take() {
             Some(stream) => {
@@ -474,7 +549,10 @@ impl BlobWriter {
                     )))
                 });
                 match result {
-                    Ok(url) => url,
+                    Ok(patched) => {
+                        self.named = Some((patched.digest, patched.received));
+                        patched.location
+                    }
                     Err(e) => {
                         // The session may still exist: Drop cancels it.
                         return Err(e);
@@ -484,6 +562,11 @@ impl BlobWriter {
             None => self.location.clone(),
         };
         self.location = session.clone();
+        Ok(session)
+    }
+
+    /// `PUT ?digest=` on the session.
+    fn complete(&mut self, session: Url, digest: String, what: String) -> Result<(), OciError> {
         let core = self.client.core();
         let r = self.reference.clone();
         let d = digest.clone();
@@ -591,6 +674,29 @@ impl Write for BlobWriter {
     }
 }
 
+/// A streamed PATCH's answer.
+#[derive(Debug)]
+struct Patched {
+    /// Where the session goes on.
+    location: Url,
+    /// `Dvcr-Upload-Digest`, if given.
+    digest: Option<String>,
+    /// The bytes the session holds by its `Range` (`0-<last>`), if given.
+    received: Option<u64>,
+}
+
+/// The number of bytes a session's `Range: 0-<last>` says it holds (a non-empty session:
+/// `0-0` is one byte here).
+fn range_received(headers: &HeaderMap) -> Option<u64> {
+    let text = header_text(headers, "range")?.trim();
+    let text = text.strip_prefix("bytes=").unwrap_or(text);
+    let (first, last) = text.split_once('-')?;
+    if first.trim() != "0" {
+        return None;
+    }
+    last.trim().parse::<u64>().ok()?.checked_add(1)
+}
+
 /// The streamed PATCH: the channel is the body; returns the next location.
 async fn patch(
     core: &Core,
@@ -598,7 +704,7 @@ async fn patch(
     url: Url,
     chunks: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     progress: Arc<Progress>,
-) -> Result<Url, OciError> {
+) -> Result<Patched, OciError> {
     let what = format!("uploading a blob to {}", repo_view(r));
     let p = progress.clone();
     // Chunks go out in frames of 64 KiB, so the watchdog sees progress on a slow link too;
@@ -647,7 +753,11 @@ async fn patch(
     if !resp.status().is_success() {
         return Err(core.status_error(resp, &what, &r.registry).await);
     }
-    location(&resp, &url, &what)
+    Ok(Patched {
+        location: location(&resp, &url, &what)?,
+        digest: named_digest(resp.headers()),
+        received: range_received(resp.headers()),
+    })
 }
 
 #[cfg(test)]
@@ -666,5 +776,44 @@ mod tests {
             with_digest(u("http://r/v2/a/blobs/uploads/x?_state=abc"), &d).as_str(),
             format!("http://r/v2/a/blobs/uploads/x?_state=abc&digest={d}")
         );
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                *k,
+                HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{v}: {e}")),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn a_session_range_counts_the_bytes_the_registry_holds() {
+        assert_eq!(range_received(&headers(&[("range", "0-1023")])), Some(1024));
+        assert_eq!(
+            range_received(&headers(&[("range", "bytes=0-9")])),
+            Some(10)
+        );
+        assert_eq!(range_received(&headers(&[("range", "5-9")])), None);
+        assert_eq!(range_received(&headers(&[("range", "0-x")])), None);
+        assert_eq!(range_received(&headers(&[])), None);
+    }
+
+    #[test]
+    fn only_a_well_formed_sha256_upload_digest_names_a_blob() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(named_digest(&headers(&[(UPLOAD_DIGEST, &d)])), Some(d));
+        let short = format!("sha256:{}", "ab".repeat(31));
+        assert_eq!(named_digest(&headers(&[(UPLOAD_DIGEST, &short)])), None);
+        let other = format!("sha512:{}", "ab".repeat(64));
+        assert_eq!(named_digest(&headers(&[(UPLOAD_DIGEST, &other)])), None);
+        assert_eq!(named_digest(&headers(&[])), None);
+    }
+
+    #[test]
+    fn the_empty_digest_constant_is_the_hash_of_nothing() {
+        assert_eq!(Hasher::digest_like("sha256:", b""), EMPTY_SHA256);
     }
 }

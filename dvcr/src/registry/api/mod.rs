@@ -31,6 +31,11 @@ pub const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution
 pub const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 /// `Docker-Upload-UUID`.
 pub const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+/// `Dvcr-Upload-Digest`: on an upload session's answers, the digest of the bytes received so
+/// far. A client that streams a blob it has not hashed (the importer, whose bytes this
+/// registry hashes anyway to verify them) completes the upload with it: one hash pass, not
+/// two. Other clients ignore it.
+pub const UPLOAD_DIGEST: HeaderName = HeaderName::from_static("dvcr-upload-digest");
 /// `OCI-Subject`.
 pub const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
 /// `OCI-Filters-Applied`.

@@ -8,7 +8,8 @@ use axum::http::{HeaderName, StatusCode, header};
 use uuid::Uuid;
 
 use super::{
-    ApiResult, BodyError, CONTENT_DIGEST, Shared, UPLOAD_UUID, next_chunk, query_value, respond,
+    ApiResult, BodyError, CONTENT_DIGEST, Shared, UPLOAD_DIGEST, UPLOAD_UUID, next_chunk,
+    query_value, respond,
 };
 use crate::registry::auth::{Access, Action};
 use crate::registry::error::{ApiError, Code};
@@ -25,12 +26,16 @@ fn range_value(offset: u64) -> String {
 }
 
 fn session_headers(name: &str, session: &Session) -> Vec<(HeaderName, String)> {
-    vec![
+    let mut headers = vec![
         (header::LOCATION, location(name, session.id)),
         (header::RANGE, range_value(session.offset)),
         (UPLOAD_UUID, session.id.to_string()),
         (header::CONTENT_LENGTH, "0".to_owned()),
-    ]
+    ];
+    if let Some(digest) = session.received_digest() {
+        headers.push((UPLOAD_DIGEST, digest.to_string()));
+    }
+    headers
 }
 
 fn parse_digest(value: Option<&str>) -> Result<Digest, ApiError> {
