@@ -107,6 +107,7 @@ fn job(args: &Args) -> Result<Job, ImportError> {
                 ca_dir: args.ca_dir.clone(),
                 insecure: args.insecure,
                 platform: platform.clone(),
+                local: None,
             },
         }
     } else if let Some(size) = args.from.strip_prefix("blank:") {
@@ -146,6 +147,7 @@ fn job(args: &Args) -> Result<Job, ImportError> {
                 ca_dir: None,
                 insecure: args.dest_insecure,
                 platform,
+                local: None,
             },
         }
     } else {

@@ -149,3 +149,135 @@ fn an_explicit_upload_key_is_refused_next_to_authentication() {
         "{err}"
     );
 }
+
+/// The `Upload-Offset` a `HEAD` of `url` answers.
+fn upload_offset(url: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sS", "-I", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("upload-offset")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no Upload-Offset in {text}"))
+}
+
+fn status(url: &str) -> Value {
+    serde_json::from_str(&curl(&[&format!("{url}/status")]).1).unwrap()
+}
+
+fn has_tag(registry: &Registry, repo: &str, tag: &str) -> bool {
+    let (code, _) = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &registry.url(&format!("/v2/{repo}/manifests/{tag}")),
+    ]);
+    code == 200
+}
+
+/// Imports `repo_tag` back to a raw file and compares it with `original` (qemu-img compare).
+fn assert_stored_equal(registry: &Registry, repo_tag: &str, original: &Path, scratch: &Scratch) {
+    let disk = scratch.path(&format!("{}.raw", repo_tag.replace(['/', ':'], "-")));
+    let out = Command::new(DVCR)
+        .args(["import", "--from"])
+        .arg(format!("docker://{}/{repo_tag}", registry.addr))
+        .args(["--to", s(&disk), "--insecure"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cmp = Command::new("qemu-img")
+        .args(["compare", s(original), s(&disk)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
+
+#[test]
+fn served_uploads_resume_after_a_cut_refuse_a_truncated_image_and_unpack_a_gzip_one() {
+    let scratch = Scratch::new();
+    let registry = Registry::start();
+    let raw = mixed_raw(&scratch, "source.raw", 48 << 20);
+    let qcow2 = scratch.path("image.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&qcow2)]);
+    let size = std::fs::metadata(&qcow2).unwrap().len();
+
+    // Cut in the middle (a slow curl killed), then resumed from the offset the server gives.
+    let url = upload_url(&registry, "vi/ns/resumed:uid-2")["external"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut slow = Command::new("curl")
+        .args(["-sS", "--limit-rate", "2M", "-T", s(&qcow2), &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while status(&url)["received"].as_u64().unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no bytes arrived");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    let answer = loop {
+        let offset = upload_offset(&url);
+        assert!(offset > 0 && offset < size, "offset {offset} of {size}");
+        let (code, body) = curl(&["-C", &offset.to_string(), "-T", s(&qcow2), &url]);
+        if code == 200 {
+            break body;
+        }
+        // Until the server notices the broken connection: busy, or a newer offset.
+        assert!(code == 503 || code == 416, "{code}: {body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not resume: {code}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["phase"], "Ready", "{answer}");
+    assert_eq!(answer["received"], size);
+    assert_stored_equal(&registry, "vi/ns/resumed:uid-2", &qcow2, &scratch);
+
+    // A truncated qcow2: refused, nothing tagged.
+    let all = std::fs::read(&qcow2).unwrap();
+    let truncated = scratch.path("truncated.qcow2");
+    std::fs::write(&truncated, &all[..all.len() / 3]).unwrap();
+    let url = upload_url(&registry, "vi/ns/truncated:uid-3")["external"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, body) = curl(&["-T", s(&truncated), &url]);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("truncated"), "{body}");
+    assert_eq!(status(&url)["phase"], "Failed");
+    assert!(!has_tag(&registry, "vi/ns/truncated", "uid-3"));
+
+    // A gzip-compressed upload is measured on scratch and stored as the qcow2 inside.
+    let gz = scratch.path("image.qcow2.gz");
+    let out = Command::new("gzip")
+        .args(["-1", "-k", s(&qcow2)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let url = upload_url(&registry, "vi/ns/packed:uid-4")["external"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, body) = curl(&["-T", s(&gz), &url]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(status(&url)["format"], "qcow2");
+    assert_stored_equal(&registry, "vi/ns/packed:uid-4", &qcow2, &scratch);
+}

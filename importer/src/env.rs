@@ -122,6 +122,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<(Job, Reporting)
         ca_dir: cert_dir.clone(),
         insecure: truthy(var("IMPORTER_INSECURE_TLS")),
         platform: platform.clone(),
+        local: None,
     };
     let source = match kind.as_str() {
         "http" => {
@@ -195,6 +196,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<(Job, Reporting)
                 ca_dir: var("IMPORTER_DESTINATION_CERT_DIR").map(PathBuf::from),
                 insecure: truthy(var("DESTINATION_INSECURE_TLS")),
                 platform,
+                local: None,
             },
         }
     } else if let Some(path) = var("IMPORTER_DESTINATION_PATH") {

@@ -321,7 +321,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             },
             addr.port(),
         );
-        let state = uploads::Uploads::new(settings, loopback.to_string(), &config.root)
+        let local = uploads::InProcessRegistry::new(app.clone());
+        let state = uploads::Uploads::new(settings, loopback.to_string(), local, &config.root)
             .context("setting up the upload endpoints")?;
         app = app.merge(uploads::router(Arc::new(state)));
     }

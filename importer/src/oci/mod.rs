@@ -45,6 +45,27 @@ pub use transport::{CONNECT_TIMEOUT, IDLE_TIMEOUT};
 use auth::AuthConfig;
 use transport::Core;
 
+/// A registry in the same process, answering requests without a socket: the upload
+/// endpoints inside `dvcr serve` push into their own registry this way (the same routes and
+/// checks as over HTTP, without copying every byte through loopback TCP twice).
+pub trait InProcess: Send + Sync {
+    /// Answers one request; the bodies stream (a blob's chunks pass as they are).
+    fn call(
+        &self,
+        request: hyper::http::Request<reqwest::Body>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = hyper::http::Response<reqwest::Body>> + Send>>;
+}
+
+/// A handle on an [`InProcess`] registry (see [`RegistryOptions::local`]).
+#[derive(Clone)]
+pub struct LocalRegistry(pub Arc<dyn InProcess>);
+
+impl std::fmt::Debug for LocalRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalRegistry")
+    }
+}
+
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
@@ -56,6 +77,9 @@ pub struct RegistryOptions {
     pub insecure: bool,
     /// The platform picked from image indexes (default `linux/amd64`).
     pub platform: Platform,
+    /// Send every request to this registry in the same process instead of over the network
+    /// (the registry address then only names the repository).
+    pub local: Option<LocalRegistry>,
 }
 
 /// A registry client; cheap to clone (clones share connections, tokens and the runtime).
@@ -107,7 +131,12 @@ impl Client {
         let core = {
             // reqwest's builder wants a runtime context for its resolver and timers.
             let _guard = handle.enter();
-            Core::new(auth, opts.ca_dir.as_deref(), opts.insecure)?
+            Core::new(
+                auth,
+                opts.ca_dir.as_deref(),
+                opts.insecure,
+                opts.local.clone(),
+            )?
         };
         Ok(Self {
             inner: Arc::new(Inner {

@@ -62,6 +62,8 @@ pub(crate) struct Core {
     auth: AuthConfig,
     registries: Mutex<HashMap<String, RegistryState>>,
     tokens: Mutex<HashMap<String, CachedToken>>,
+    /// Requests go to this registry in the process, not over the network.
+    local: Option<super::LocalRegistry>,
 }
 
 /// One request, re-sendable (the body is in memory) for the authentication retry.
@@ -189,7 +191,12 @@ fn load_ca_dir(dir: &Path) -> Result<Vec<reqwest::Certificate>, OciError> {
 
 impl Core {
     /// HTTP clients with the options' trust settings and credentials.
-    pub fn new(auth: AuthConfig, ca_dir: Option<&Path>, insecure: bool) -> Result<Self, OciError> {
+    pub fn new(
+        auth: AuthConfig,
+        ca_dir: Option<&Path>,
+        insecure: bool,
+        local: Option<super::LocalRegistry>,
+    ) -> Result<Self, OciError> {
         let certs = match ca_dir {
             Some(dir) => load_ca_dir(dir)?,
             None => Vec::new(),
@@ -208,7 +215,17 @@ impl Core {
             auth,
             registries: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            local,
         })
+    }
+
+    /// Sends a request over the network, or to the registry in the process.
+    async fn execute(&self, rb: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+        let Some(local) = &self.local else {
+            return rb.send().await;
+        };
+        let request = hyper::http::Request::<reqwest::Body>::try_from(rb.build()?)?;
+        Ok(reqwest::Response::from(local.0.call(request).await))
     }
 
     /// `<base>/v2/<path>` on `registry`, pinging it first if it is new.
@@ -237,7 +254,7 @@ impl Core {
             let ping = base.join("v2/").map_err(|e| {
                 OciError::invalid(format!("{registry} is not a registry address: {e}"))
             })?;
-            match self.http.get(ping.clone()).send().await {
+            match self.execute(self.http.get(ping.clone())).await {
                 Ok(resp) => {
                     let challenge = pick_challenge(resp.headers());
                     match resp.status() {
@@ -292,7 +309,7 @@ impl Core {
             if let Some(body) = &call.body {
                 rb = rb.body(body.clone());
             }
-            let resp = rb.send().await.map_err(|e| {
+            let resp = self.execute(rb).await.map_err(|e| {
                 network_error(&e, &format!("{} {}", call.method, redact(&call.url)))
             })?;
             if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
@@ -355,7 +372,7 @@ impl Core {
         if let Some(auth) = self.authorization(registry, &url, scopes, false).await? {
             rb = rb.header(header::AUTHORIZATION, auth);
         }
-        rb.send()
+        self.execute(rb)
             .await
             .map_err(|e| network_error(&e, &format!("{method} {}", redact(&url))))
     }
@@ -380,8 +397,8 @@ impl Core {
         if let Some(body) = &call.body {
             rb = rb.body(body.clone());
         }
-        let resp = rb
-            .send()
+        let resp = self
+            .execute(rb)
             .await
             .map_err(|e| network_error(&e, &format!("{} {}", call.method, redact(&call.url))))?;
         if resp.status() == StatusCode::UNAUTHORIZED {
