@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{DVCR, Registry};
+use common::{DVCR, Registry, upload_offset};
 use dvcr_tests::{Scratch, mixed_raw, qemu_img};
 use serde_json::Value;
 
@@ -46,6 +46,14 @@ fn upload_url(registry: &Registry, dest: &str) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The external URL of a fresh upload URL pair for `dest`.
+fn external_url(registry: &Registry, dest: &str) -> String {
+    upload_url(registry, dest)["external"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[test]
@@ -90,32 +98,7 @@ fn a_served_upload_url_takes_curl_t_once_and_the_image_converts_back_equal() {
     assert_eq!(status["format"], "qcow2");
 
     // The image is in the registry: back onto a disk, equal to the source.
-    let disk = scratch.path("disk.img");
-    let out = Command::new(DVCR)
-        .args([
-            "import",
-            "--from",
-            &format!("docker://{}/vi/ns/upload:uid-1", registry.addr),
-            "--to",
-            s(&disk),
-            "--insecure",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&disk)])
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_stored_equal(&registry, "vi/ns/upload:uid-1", &raw, &scratch);
 
     // The image is stored: the URL takes no second upload.
     assert_eq!(curl(&["-T", s(&qcow2), &url]).0, 409);
@@ -148,22 +131,6 @@ fn an_explicit_upload_key_is_refused_next_to_authentication() {
         err.contains("--upload-key-file cannot be combined"),
         "{err}"
     );
-}
-
-/// The `Upload-Offset` a `HEAD` of `url` answers.
-fn upload_offset(url: &str) -> u64 {
-    let out = Command::new("curl")
-        .args(["-sS", "-I", url])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("upload-offset")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no Upload-Offset in {text}"))
 }
 
 fn status(url: &str) -> Value {
@@ -214,10 +181,7 @@ fn served_uploads_resume_after_a_cut_refuse_a_truncated_image_and_unpack_a_gzip_
     let size = std::fs::metadata(&qcow2).unwrap().len();
 
     // Cut in the middle (a slow curl killed), then resumed from the offset the server gives.
-    let url = upload_url(&registry, "vi/ns/resumed:uid-2")["external"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let url = external_url(&registry, "vi/ns/resumed:uid-2");
     let mut slow = Command::new("curl")
         .args(["-sS", "--limit-rate", "2M", "-T", s(&qcow2), &url])
         .stdout(std::process::Stdio::null())
@@ -255,10 +219,7 @@ fn served_uploads_resume_after_a_cut_refuse_a_truncated_image_and_unpack_a_gzip_
     let all = std::fs::read(&qcow2).unwrap();
     let truncated = scratch.path("truncated.qcow2");
     std::fs::write(&truncated, &all[..all.len() / 3]).unwrap();
-    let url = upload_url(&registry, "vi/ns/truncated:uid-3")["external"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let url = external_url(&registry, "vi/ns/truncated:uid-3");
     let (code, body) = curl(&["-T", s(&truncated), &url]);
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("truncated"), "{body}");
@@ -272,10 +233,7 @@ fn served_uploads_resume_after_a_cut_refuse_a_truncated_image_and_unpack_a_gzip_
         .output()
         .unwrap();
     assert!(out.status.success());
-    let url = upload_url(&registry, "vi/ns/packed:uid-4")["external"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let url = external_url(&registry, "vi/ns/packed:uid-4");
     let (code, body) = curl(&["-T", s(&gz), &url]);
     assert_eq!(code, 200, "{body}");
     assert_eq!(status(&url)["format"], "qcow2");

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{DVCR, OCI_MANIFEST, Registry};
+use common::{DVCR, OCI_MANIFEST, Registry, upload_offset};
 use dvcr_tests::{Scratch, mixed_raw, qemu_img};
 use serde_json::Value;
 
@@ -156,19 +156,6 @@ fn curl_code(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
-/// The `Upload-Offset` a `HEAD` of `url` answers.
-fn upload_offset(url: &str) -> u64 {
-    let out = curl(&["-sS", "-I", url]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("upload-offset")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no Upload-Offset in {text}"))
 }
 
 /// `curl -T` of `image` to `url` at `rate` bytes per second (curl's `--limit-rate`), running.

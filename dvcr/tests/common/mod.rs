@@ -833,3 +833,20 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// The `Upload-Offset` a `HEAD` of an upload URL answers (the bytes the server has taken),
+/// asked with the real curl.
+pub fn upload_offset(url: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sS", "-I", url])
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("upload-offset")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no Upload-Offset in {text}"))
+}

@@ -986,14 +986,7 @@ mod tests {
 
     #[test]
     fn lent_chunks_of_any_size_decode_like_one_read_through_a_buffer() {
-        let plain = vec![0x5au8; C];
-        let packed = deflate(&vec![0x6bu8; C]);
-        let mut data = plain.clone();
-        data.extend_from_slice(&packed);
-        let entries = [
-            (2, DATA_AT as u64),
-            (5, compressed_entry(DATA_AT + C, packed.len())),
-        ];
+        let (entries, data) = plain_and_compressed();
         let bytes = image(&entries, &data);
         let (read, read_sink) = run(bytes.clone());
         let read = read.map(|d| (d.image_bytes, d.data_bytes));
@@ -1027,13 +1020,7 @@ mod tests {
 
     #[test]
     fn clusters_the_stream_passed_in_part_when_their_table_came_decode_from_lent_chunks() {
-        let packed = deflate(&vec![0x6bu8; C]);
-        let mut data = vec![0x5au8; C];
-        data.extend_from_slice(&packed);
-        let entries = [
-            (2, DATA_AT as u64),
-            (5, compressed_entry(DATA_AT + C, packed.len())),
-        ];
+        let (entries, data) = plain_and_compressed();
         let bytes = image_with_l2_last(&entries, &data);
         let (read, read_sink) = run(bytes.clone());
         assert!(read.is_ok(), "{read:?}");
@@ -1101,6 +1088,19 @@ mod tests {
         e.finish().unwrap_or_default()
     }
 
+    /// L2 entries and data of a plain cluster of 0x5a (guest cluster 2, at `DATA_AT`) and a
+    /// deflated cluster of 0x6b (guest cluster 5, right after it).
+    fn plain_and_compressed() -> (Vec<(usize, u64)>, Vec<u8>) {
+        let packed = deflate(&vec![0x6bu8; C]);
+        let mut data = vec![0x5au8; C];
+        data.extend_from_slice(&packed);
+        let entries = vec![
+            (2, DATA_AT as u64),
+            (5, compressed_entry(DATA_AT + C, packed.len())),
+        ];
+        (entries, data)
+    }
+
     fn compressed_entry(host: usize, len: usize) -> u64 {
         let x = 62 - (16 - 8);
         let sectors = ((host + len - 1) / 512 - host / 512) as u64;
@@ -1109,14 +1109,7 @@ mod tests {
 
     #[test]
     fn a_hand_made_image_maps_plain_and_compressed_clusters() {
-        let plain = vec![0x5au8; C];
-        let packed = deflate(&vec![0x6bu8; C]);
-        let mut data = plain.clone();
-        data.extend_from_slice(&packed);
-        let entries = [
-            (2, DATA_AT as u64),
-            (5, compressed_entry(DATA_AT + C, packed.len())),
-        ];
+        let (entries, data) = plain_and_compressed();
         let (r, sink) = run(image(&entries, &data));
         assert!(r.is_ok(), "{r:?}");
         let disk = sink.contents();
@@ -1188,13 +1181,7 @@ mod tests {
 
     #[test]
     fn every_truncation_of_a_hand_made_image_ends_in_an_error_not_a_panic() {
-        let packed = deflate(&vec![0x6bu8; C]);
-        let mut data = vec![0x5au8; C];
-        data.extend_from_slice(&packed);
-        let entries = [
-            (2, DATA_AT as u64),
-            (5, compressed_entry(DATA_AT + C, packed.len())),
-        ];
+        let (entries, data) = plain_and_compressed();
         let full = image(&entries, &data);
         for cut in (0..full.len()).step_by(4093) {
             let (r, _) = run(full[..cut].to_vec());
@@ -1208,13 +1195,7 @@ mod tests {
 
     #[test]
     fn byte_corruptions_of_the_tables_never_panic() {
-        let packed = deflate(&vec![0x6bu8; C]);
-        let mut data = vec![0x5au8; C];
-        data.extend_from_slice(&packed);
-        let entries = [
-            (2, DATA_AT as u64),
-            (5, compressed_entry(DATA_AT + C, packed.len())),
-        ];
+        let (entries, data) = plain_and_compressed();
         let full = image(&entries, &data);
         let spots = (0..112).chain(L1_AT..L1_AT + 16).chain(L2_AT..L2_AT + 48);
         for at in spots {
