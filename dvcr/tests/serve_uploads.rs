@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{DVCR, Registry, upload_offset};
-use dvcr_tests::{Scratch, mixed_raw, qemu_img};
+use dvcr_tests::{Scratch, mixed_raw, qemu_img, run};
 use serde_json::Value;
 
 fn s(p: &Path) -> &str {
@@ -28,23 +28,15 @@ fn curl(args: &[&str]) -> (u16, String) {
 }
 
 fn upload_url(registry: &Registry, dest: &str) -> Value {
-    let out = Command::new(DVCR)
-        .args([
-            "upload-url",
-            "--server",
-            &registry.url(""),
-            "--dest",
-            dest,
-            "--ttl",
-            "10m",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(Command::new(DVCR).args([
+        "upload-url",
+        "--server",
+        &registry.url(""),
+        "--dest",
+        dest,
+        "--ttl",
+        "10m",
+    ]));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -149,26 +141,11 @@ fn has_tag(registry: &Registry, repo: &str, tag: &str) -> bool {
 /// Imports `repo_tag` back to a raw file and compares it with `original` (qemu-img compare).
 fn assert_stored_equal(registry: &Registry, repo_tag: &str, original: &Path, scratch: &Scratch) {
     let disk = scratch.path(&format!("{}.raw", repo_tag.replace(['/', ':'], "-")));
-    let out = Command::new(DVCR)
+    run(Command::new(DVCR)
         .args(["import", "--from"])
         .arg(format!("docker://{}/{repo_tag}", registry.addr))
-        .args(["--to", s(&disk), "--insecure"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cmp = Command::new("qemu-img")
-        .args(["compare", s(original), s(&disk)])
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+        .args(["--to", s(&disk), "--insecure"]));
+    run(Command::new("qemu-img").args(["compare", s(original), s(&disk)]));
 }
 
 #[test]
@@ -228,11 +205,7 @@ fn served_uploads_resume_after_a_cut_refuse_a_truncated_image_and_unpack_a_gzip_
 
     // A gzip-compressed upload is measured on scratch and stored as the qcow2 inside.
     let gz = scratch.path("image.qcow2.gz");
-    let out = Command::new("gzip")
-        .args(["-1", "-k", s(&qcow2)])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    run(Command::new("gzip").args(["-1", "-k", s(&qcow2)]));
     let url = external_url(&registry, "vi/ns/packed:uid-4");
     let (code, body) = curl(&["-T", s(&gz), &url]);
     assert_eq!(code, 200, "{body}");
