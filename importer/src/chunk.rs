@@ -14,6 +14,30 @@ use std::io::{self, Read};
 
 use bytes::{Buf, Bytes, BytesMut};
 
+/// Sets glibc's allocator up for a server whose request bodies arrive in chunks that are
+/// passed on as they are (the registry, the uploader). Call it before any work starts.
+///
+/// - A 64 MiB trim threshold: bodies are received into the HTTP server's own read buffers
+///   (up to ~400 KiB each, a few in flight) and freed once written or sent on; kept, they
+///   are reused, instead of handed back to the kernel and faulted in anew for the next
+///   chunks (measured on a 2 GiB push: 5-10% less registry CPU; on a 2 GiB upload through
+///   `dvcr-uploader`: 10% less uploader CPU, the page faults gone from its profile; peak
+///   RSS +1-5 MiB).
+/// - A fixed 4 MiB mmap threshold: S3 part buffers (8 or 128 MiB) are mapped and returned
+///   when sent (with glibc's adaptive threshold they end up on the heap after the first free
+///   and stay: peak RSS 72 MiB for one 1 GiB push, 42 MiB with a fixed threshold), while
+///   1 MiB buffers of blob reads stay on the heap and are reused (at a 1 MiB threshold each
+///   was mapped and faulted in anew: pulls took twice as long).
+pub fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator tuning; it is called before the server starts
+    // its work, takes plain integers, and a refusal (0) leaves the defaults.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 /// A byte stream that can also lend its next bytes as a shared buffer.
 pub trait ChunkRead: Read + Send {
     /// The next bytes of the stream, at most `max` of them; an empty buffer at the end.

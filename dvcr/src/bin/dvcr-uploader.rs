@@ -176,6 +176,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         termination_log: args.termination_log.clone(),
         wait_timeout: (!wait.is_zero()).then_some(wait),
     });
+    dvcr_importer::chunk::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -230,30 +230,9 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     }
 }
 
-/// Sets glibc's allocator up for a registry's traffic, before any work starts.
-///
-/// - A fixed 4 MiB mmap threshold: S3 part buffers (8 or 128 MiB) are mapped and returned
-///   when sent (with the adaptive threshold they end up on the heap after the first free
-///   and stay: peak RSS 72 MiB for one 1 GiB push, 42 MiB with a fixed threshold), while
-///   the 1 MiB buffers of blob reads stay on the heap and are reused (at a 1 MiB threshold
-///   each was mapped and faulted in anew: pulls took twice as long).
-/// - A 64 MiB trim threshold: request bodies reach the blob writer in the HTTP server's own
-///   read buffers (up to ~400 KiB each, a few in flight); freed, they are reused instead of
-///   handed back to the kernel and faulted in again for the next frames (measured on a
-///   2 GiB push: 5-10% less registry CPU, peak RSS +1-2 MiB).
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator tuning; it is called before the registry
-    // starts its work, takes plain integers, and a refusal (0) leaves the defaults.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
-}
-
 /// Binds, prints `listening on <addr>`, and serves until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    tune_allocator();
+    dvcr_importer::chunk::tune_allocator();
     // Without an htpasswd file this is the open authorizer (and settings that need users
     // are refused).
     let auth = Auth::new(&config.auth).context("loading the authentication configuration")?;
