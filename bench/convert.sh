@@ -35,6 +35,8 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=bench/memory.sh
+source "$SCRIPT_DIR/memory.sh"
 readonly SCRIPT_DIR ROOT
 
 VIRTUAL_GIB=${VIRTUAL_GIB:-8}
@@ -76,7 +78,11 @@ mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 mkdir -p "$TMPFS_DIR"
 SCRATCH=$(mktemp -d "$WORK/run.XXXXXX")
-cleanup() { rm -rf -- "$SCRATCH" "$TMPFS_DIR/"*.raw "$WORK/out"; rmdir -- "$TMPFS_DIR" 2>/dev/null || true; }
+cleanup() {
+    restore_memory
+    rm -rf -- "$SCRATCH" "$TMPFS_DIR/"*.raw "$WORK/out"
+    rmdir -- "$TMPFS_DIR" 2>/dev/null || true
+}
 trap cleanup EXIT
 
 START_SECONDS=$SECONDS
@@ -118,6 +124,13 @@ if (sync && echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then
 else
     CACHE_MODE="warm cache (dropping the page cache was refused; the input is pre-read once)"
     CAN_DROP=0
+fi
+
+# Targets are written into fresh memory (tmpfs, or the page cache of the disk): see
+# bench/memory.sh. Not needed when only generating the images.
+if ! ((GENERATE_ONLY)); then
+    log "backing free memory (bench/memory.sh)"
+    back_memory "$TMPFS_DIR"
 fi
 
 prepare_run() { # INPUT: drop or warm the cache
@@ -397,6 +410,7 @@ echo
 echo "- Command: \`$COMMAND_LINE\`"
 echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); dvcr $rev ($DVCR_ORIGIN, built $DVCR_BUILT)"
 echo "- Machine: $(nproc) CPUs, $model, $mem RAM, kernel $(uname -r)"
+echo "- Memory: $MEMORY_NOTE (see bench/memory.sh)"
 echo "- qemu-img: $(qemu-img --version | head -n 1)"
 echo "- Load average: $LOAD_START at the start, $(cut -d ' ' -f 1-3 /proc/loadavg) at the end (other work on this 2-core machine skews timings)"
 echo "- Note: \`qemu-img convert\` defaults to cache mode \"unsafe\" and never fsyncs the target; dvcr fsyncs it before exiting. On the disk target dvcr's time includes writeback, qemu-img's does not."

@@ -25,6 +25,8 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=bench/memory.sh
+source "$SCRIPT_DIR/memory.sh"
 VIRTUAL_GIB=${VIRTUAL_GIB:-8}
 DATA_GIB=${DATA_GIB:-2}
 RUNS=${RUNS:-3}
@@ -61,6 +63,7 @@ SCRATCH=$(mktemp -d "$WORK/import-run.XXXXXX")
 TMPFS=$(mktemp -d /dev/shm/dvcr-import-bench.XXXXXX)
 NGINX_PID="" DVCR_PID="" REG_CPU=""
 cleanup() {
+    restore_memory
     [[ -n $NGINX_PID ]] && kill "$NGINX_PID" 2>/dev/null
     [[ -n $DVCR_PID ]] && kill "$DVCR_PID" 2>/dev/null
     wait 2>/dev/null || true
@@ -110,6 +113,8 @@ for _ in $(seq 100); do grep -q "listening on" "$SCRATCH/serve.out" 2>/dev/null 
 REGISTRY=$(sed -n 's/^listening on //p' "$SCRATCH/serve.out")
 [[ -n $REGISTRY ]] || die "dvcr serve did not start: $(cat "$SCRATCH/serve.log")"
 
+log "backing free memory (bench/memory.sh)"
+back_memory "$TMPFS"
 cat "$IMAGE" >/dev/null # keep the source in the page cache
 
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -176,6 +181,7 @@ cat <<EOF
 - Command: \`VIRTUAL_GIB=$VIRTUAL_GIB DATA_GIB=$DATA_GIB RUNS=$RUNS bench/import.sh\`
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC'); dvcr $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)
 - Machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM; load average $LOAD_START at the start, $(cut -d " " -f 1-3 /proc/loadavg) at the end
+- Memory: $MEMORY_NOTE (see bench/memory.sh)
 - Image: uncompressed qcow2, $((IMAGE_BYTES / 1048576)) MiB file, ${VIRTUAL_GIB} GiB virtual, served by nginx on loopback (page cache warm); DVCR root on tmpfs
 - Times: median wall seconds of $RUNS run(s); RSS: maximum over the runs
 

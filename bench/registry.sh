@@ -41,6 +41,8 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=bench/memory.sh
+source "$SCRIPT_DIR/memory.sh"
 readonly SCRIPT_DIR ROOT
 
 SIZE_MIB=${SIZE_MIB:-2048}
@@ -97,6 +99,7 @@ SCRATCH=$(mktemp -d "$WORK/registry-run.XXXXXX")
 SERVER_PID=""
 SAMPLER_PID=""
 cleanup() {
+    restore_memory
     [[ -n $SAMPLER_PID ]] && kill "$SAMPLER_PID" 2>/dev/null
     if [[ -n $SERVER_PID ]]; then
         kill -TERM "$SERVER_PID" 2>/dev/null
@@ -137,6 +140,11 @@ drop_caches() {
     sync
     if ((CAN_DROP)); then echo 3 >/proc/sys/vm/drop_caches; fi
 }
+
+# Blobs land in the page cache and pulls in tmpfs: fresh memory either way (bench/memory.sh).
+mkdir -p "$PULL_DIR"
+log "backing free memory (bench/memory.sh)"
+back_memory "$PULL_DIR"
 
 # ---------------------------------------------------------------------------------------
 # Inputs (cached)
@@ -478,6 +486,7 @@ echo
 echo "- Command: \`$COMMAND_LINE\`"
 echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); dvcr $rev ($DVCR_ORIGIN, built $DVCR_BUILT)"
 echo "- Machine: $(nproc) CPUs, $model, $mem RAM, kernel $(uname -r)"
+echo "- Memory: $MEMORY_NOTE (see bench/memory.sh)"
 echo "- Versions: $(docker-registry --version 2>&1 | head -n 1); $(skopeo --version); $(curl --version | head -n 1 | cut -d ' ' -f 1-2)"
 echo "- Load average: $LOAD_START at the start, $(cut -d ' ' -f 1-3 /proc/loadavg) at the end (other work on this machine skews timings)"
 echo "- Storage: a fresh directory per registry and phase group under $WORK on $fs; skopeo pulls into $PULL_DIR (tmpfs)"
@@ -485,7 +494,7 @@ echo "- Page cache: $CACHE_MODE"
 echo "- Image: one uncompressed layer (tar of disk/disk.img, $SIZE_MIB MiB of AES-CTR noise), $LAYER_BYTES bytes; concurrent: $CONC distinct blobs of $CONC_MIB MiB$( ((GEN_SECONDS > 0)) && echo "; generated in ${GEN_SECONDS}s")"
 echo "- Times: median wall seconds of $RUNS run(s); MB/s = 10^6 bytes/s of blob data; ratio = dvcr MB/s / Distribution MB/s (above 1.00x: dvcr faster)"
 echo "- Peak RSS: the server's VmHWM over the phase (reset with /proc/PID/clear_refs at its start)$HWM_NOTE; sampled: VmRSS every 0.5 s during the phase, min–max; both the maximum over the runs"
-echo "- Durability: dvcr fsyncs each blob before answering 201; Distribution's filesystem driver does not. \"+sync\" adds the time of a \`sync\` right after the phase (both then equally durable)."
+echo "- Durability: both registries fsync an upload's data before they answer its commit with 201 (dvcr: the blob, then the rename; Distribution's filesystem driver: the upload file, strace shows it). \"+sync\" adds the time of a \`sync\` right after the phase, a check that nothing was left to write."
 echo
 echo "| phase | dvcr s | Distribution s | dvcr MB/s | Distribution MB/s | dvcr/Distribution | dvcr s +sync | Distribution s +sync | ratio +sync | dvcr peak RSS MiB | Distribution peak RSS MiB | dvcr RSS sampled MiB | Distribution RSS sampled MiB | errors dvcr / Distribution |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

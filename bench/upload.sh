@@ -27,6 +27,8 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=bench/memory.sh
+source "$SCRIPT_DIR/memory.sh"
 SIZE_GIB=${SIZE_GIB:-8}
 RUNS=${RUNS:-3}
 WORK=${WORK:-$ROOT/bench/work}
@@ -53,6 +55,7 @@ SPOOL=${SPOOL:-$SCRATCH/spool}
 TMPFS=$(mktemp -d /dev/shm/dvcr-upload-bench.XXXXXX)
 SERVE_PID="" UP_PID=""
 cleanup() {
+    restore_memory
     [[ -n $UP_PID ]] && kill "$UP_PID" 2>/dev/null
     [[ -n $SERVE_PID ]] && kill "$SERVE_PID" 2>/dev/null
     wait 2>/dev/null || true
@@ -105,6 +108,8 @@ start_registry() {
 }
 head -c 32 /dev/urandom | base64 >"$SCRATCH/key"
 
+log "backing free memory (bench/memory.sh)"
+back_memory "$TMPFS"
 cat "$IMAGE" >/dev/null # the client reads from the page cache
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 SHA_TIMES="" UP_TIMES="" SERVE_TIMES="" PEAK=0 SAMPLED=""
@@ -164,6 +169,7 @@ cat <<EOF
 - Command: \`SIZE_GIB=$SIZE_GIB RUNS=$RUNS bench/upload.sh\`
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC'); dvcr $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)
 - Machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM; load average $LOAD_START at the start, $(cut -d " " -f 1-3 /proc/loadavg) at the end
+- Memory: $MEMORY_NOTE (see bench/memory.sh)
 - Image: qcow2 of $SIZE_GIB GiB of incompressible data, $((IMAGE_BYTES / 1048576)) MiB; curl, dvcr serve (root on tmpfs) and dvcr-uploader on loopback; uploader scratch directory on $(df --output=fstype "$SPOOL" | tail -1) (unused: the image is not compressed)
 - Times: median wall seconds of $RUNS run(s), from the first byte sent to the answer (image stored)
 
