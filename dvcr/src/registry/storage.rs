@@ -71,9 +71,6 @@ const WRITE_QUEUE: usize = 4;
 /// otherwise cost a thread wake-up per frame (measured: 10x the futex calls of curl).
 const COALESCE: usize = 256 << 10;
 
-/// Bytes of a blob written between two nudges to the kernel to start writing them back.
-const WRITEBACK_EVERY: u64 = 64 << 20;
-
 /// What a storage operation can fail with.
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -941,9 +938,7 @@ impl Storage {
                     written += frames.iter().map(|f| f.len() as u64).sum::<u64>();
                     // The commit fsyncs the blob: writing it back while it arrives leaves
                     // that fsync little to wait for (2 GiB all at the end took 3 s here).
-                    if before / WRITEBACK_EVERY != written / WRITEBACK_EVERY {
-                        dvcr_formats::sparse::start_writeback(&file);
-                    }
+                    dvcr_formats::sparse::write_back_as_written(&file, before, written);
                 }
                 Ok(())
             })();

@@ -253,9 +253,7 @@ impl DiskWriter {
             .write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
         let before = self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if before / WRITEBACK_EVERY != (before + data.len() as u64) / WRITEBACK_EVERY {
-            start_writeback(&self.file);
-        }
+        write_back_as_written(&self.file, before, before + data.len() as u64);
         if let Some(covered) = &self.covered {
             covered
                 .lock()
@@ -269,10 +267,15 @@ impl DiskWriter {
 /// Bytes written between two nudges to the kernel to start writing dirty pages back.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
-/// Starts writing back what is dirty, without waiting: the disk works while decoding goes
-/// on, so the final `fsync` has little left to do and dirty memory stays bounded. Only a
-/// hint (a no-op on tmpfs): failures are ignored.
-pub fn start_writeback(file: &File) {
+/// Call after each write to a file that will be fsynced at the end (a disk, a blob), with
+/// the bytes written to it before and after the write: every [`WRITEBACK_EVERY`] bytes it
+/// starts writing back what is dirty, without waiting. The disk then works while the data
+/// still arrives, so the final `fsync` has little left to do and dirty memory stays
+/// bounded. Only a hint (a no-op on tmpfs): failures are ignored.
+pub fn write_back_as_written(file: &File, before: u64, after: u64) {
+    if before / WRITEBACK_EVERY == after / WRITEBACK_EVERY {
+        return;
+    }
     use std::os::fd::AsRawFd;
     // SAFETY: sync_file_range takes plain integers; the descriptor is owned by `file`.
     unsafe {

@@ -422,9 +422,7 @@ impl Sink for Qcow2Writer {
                 .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
             let len = (s.end - s.start) as u64;
             let before = self.written.fetch_add(len, Ordering::Relaxed);
-            if before / super::WRITEBACK_EVERY != (before + len) / super::WRITEBACK_EVERY {
-                super::start_writeback(&self.file);
-            }
+            super::write_back_as_written(&self.file, before, before + len);
         }
         Ok(())
     }
