@@ -9,10 +9,22 @@
 //!
 //! [`Output`] checks every write against the virtual size the image declared, so a hostile
 //! table can never make a writer touch bytes outside the disk, and counts what was written.
+//!
+//! [`write_behind`] runs the target writer on a thread of its own. A decoder that reads into
+//! buffers from a [`SharedPool`] lends them with [`Sink::write_shared`]: the writer thread
+//! writes the data from the decoder's own buffer, so every guest byte is copied twice in
+//! all (into the buffer by the read, into the target by the write), as `qemu-img` does.
 
+use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::align::PageBuf;
 use crate::error::{Result, err};
+
+/// A decoder's read buffer that a sink may keep a reference to after a write returns
+/// (see [`Sink::write_shared`]). The decoder reuses it once it holds the only reference.
+pub type Shared = Arc<PageBuf>;
 
 /// Where decoded guest data goes. Implementations take `&self` so that several decoding
 /// threads can write at once (positional writes need no shared cursor).
@@ -25,6 +37,52 @@ pub trait Sink: Sync {
     /// Writes guest bytes `data` at guest offset `offset`. Each guest byte is written at
     /// most once; writes may come in any order and from several threads.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Writes guest bytes `buf[range]` at guest offset `offset`, as [`Sink::write_at`] does.
+    /// A sink that writes later, on another thread, keeps a reference to `buf` instead of
+    /// copying the bytes (the write-behind sink: one copy of every guest byte fewer).
+    fn write_shared(&self, offset: u64, buf: &Shared, range: Range<usize>) -> Result<()> {
+        let data = buf.get(range).ok_or_else(bad_range)?;
+        self.write_at(offset, data)
+    }
+}
+
+/// Read buffers a decoder lends to its sink ([`Sink::write_shared`]) and takes back for the
+/// next read once the sink has let go of them. The sink bounds how many it holds at once
+/// (the write-behind sink: its queue), so the buffers in use are bounded too.
+#[derive(Debug, Default)]
+pub struct SharedPool {
+    bufs: Vec<Shared>,
+}
+
+/// Buffers kept for reuse: what the write-behind sink holds at most (its queue, the batch it
+/// is gathering and the one its thread writes), and the one being filled.
+const POOL_KEEP: usize = BEHIND_DEPTH + 3;
+
+impl SharedPool {
+    /// A buffer of at least `len` bytes that nobody else holds: a returned one when there
+    /// is one, else a new one.
+    pub fn take(&mut self, len: usize) -> Shared {
+        let free = self
+            .bufs
+            .iter()
+            .position(|b| Arc::strong_count(b) == 1 && b.len() >= len);
+        match free {
+            Some(i) => self.bufs.swap_remove(i),
+            None => Arc::new(PageBuf::new(len)),
+        }
+    }
+
+    /// Keeps `buf` for a later [`SharedPool::take`] (when the pool is not full).
+    pub fn give(&mut self, buf: Shared) {
+        if self.bufs.len() < POOL_KEEP {
+            self.bufs.push(buf);
+        }
+    }
+}
+
+fn bad_range() -> crate::Error {
+    err!(Io, "a write names bytes outside its buffer (a decoder bug)")
 }
 
 /// A decoder's handle on its sink: bounds-checked, counting writes.
@@ -62,18 +120,35 @@ impl<'a, S: Sink + ?Sized> Output<'a, S> {
         if data.is_empty() {
             return Ok(());
         }
-        let end = offset.checked_add(data.len() as u64);
+        self.check(offset, data.len())?;
+        self.sink.write_at(offset, data)?;
+        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes `buf[range]` at guest offset `offset` (see [`Sink::write_shared`]), refusing
+    /// anything past the declared size.
+    pub fn write_shared(&self, offset: u64, buf: &Shared, range: Range<usize>) -> Result<()> {
+        let len = range.len();
+        if len == 0 {
+            return Ok(());
+        }
+        self.check(offset, len)?;
+        self.sink.write_shared(offset, buf, range)?;
+        self.written.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<()> {
+        let end = offset.checked_add(len as u64);
         if let Some(size) = self.size
             && end.is_none_or(|end| end > size)
         {
             return Err(err!(
                 Corrupt,
-                "the image maps {} bytes of data at guest offset {offset}, beyond its own virtual size of {size} bytes; the image is damaged",
-                data.len()
+                "the image maps {len} bytes of data at guest offset {offset}, beyond its own virtual size of {size} bytes; the image is damaged"
             ));
         }
-        self.sink.write_at(offset, data)?;
-        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -288,6 +363,80 @@ mod tests {
     }
 
     #[test]
+    fn write_behind_writes_lent_buffers_where_they_are_and_lets_go_of_them() {
+        let sink = AlignmentCheck {
+            inner: MemorySink::new(16 << 20),
+            ..AlignmentCheck::default()
+        };
+        let mut pool = SharedPool::default();
+        let mut expected = vec![0u8; 16 << 20];
+        let result = write_behind(&sink, |behind| {
+            behind.set_size(16 << 20)?;
+            for round in 0..8usize {
+                let mut shared = pool.take(1 << 20);
+                let buf = Arc::get_mut(&mut shared).ok_or_else(bad_range)?;
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = (i / 4096 + round) as u8 | 1;
+                }
+                // A zero block in the middle is skipped; two runs that follow each other
+                // on the disk and in the buffer become one write.
+                buf[8192..12288].fill(0);
+                let guest = (round as u64 * 2 + 1) << 20;
+                behind.write_shared(guest, &shared, 0..300_000)?;
+                behind.write_shared(guest + 300_000, &shared, 300_000..(1 << 20))?;
+                let at = guest as usize;
+                expected[at..at + (1 << 20)].copy_from_slice(&shared);
+                pool.give(shared);
+            }
+            Ok(())
+        });
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(sink.inner.contents(), expected);
+        // 8 buffers, each written as two runs around its zero block.
+        assert_eq!(sink.writes.load(Ordering::Relaxed), 16);
+        assert_eq!(sink.misaligned.load(Ordering::Relaxed), 0);
+        // The sink holds none of them once the writes are done, and the pool hands them
+        // out again instead of allocating.
+        assert!(pool.bufs.iter().all(|b| Arc::strong_count(b) == 1));
+        let kept: Vec<*const PageBuf> = pool.bufs.iter().map(Arc::as_ptr).collect();
+        assert!(kept.contains(&Arc::as_ptr(&pool.take(1 << 20))));
+    }
+
+    #[test]
+    fn a_shared_pool_never_hands_out_a_buffer_someone_still_holds() {
+        let mut pool = SharedPool::default();
+        let first = pool.take(4096);
+        let held = Arc::clone(&first);
+        pool.give(first);
+        let second = pool.take(4096);
+        assert!(!Arc::ptr_eq(&held, &second));
+        drop(held);
+        pool.give(second);
+        let mut third = pool.take(4096);
+        assert!(Arc::get_mut(&mut third).is_some());
+    }
+
+    #[test]
+    fn a_shared_write_past_the_declared_size_or_its_buffer_is_refused() {
+        let sink = MemorySink::new(1 << 20);
+        let mut out = Output::new(&sink);
+        out.set_size(8192).ok();
+        let buf: Shared = Arc::new(PageBuf::new(8192));
+        let kind = out
+            .write_shared(4096, &buf, 0..8192)
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::Corrupt));
+        let kind = sink
+            .write_shared(0, &buf, 4096..9000)
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(kind, Some(ErrorKind::Io));
+        assert!(out.write_shared(0, &buf, 0..8192).is_ok());
+        assert_eq!(out.written(), 8192);
+    }
+
+    #[test]
     fn output_refuses_writes_past_the_declared_size() {
         let sink = MemorySink::new(1 << 20);
         let mut out = Output::new(&sink);
@@ -316,8 +465,10 @@ const BEHIND_CAPACITY: usize = BEHIND_BATCH + 2 * BEHIND_ALIGN;
 /// Runs `work` with a sink that hands its writes to a thread of its own, which writes them
 /// to `inner`: copying into the page cache (or the device queue) then runs on another core
 /// than decoding. Only non-zero 4 KiB blocks are handed over (zero blocks are never written
-/// by the target writers anyway), in batches of a few MiB with bounded memory. Every write
-/// has reached `inner` (or its error is returned) when this returns.
+/// by the target writers anyway), in batches of a few MiB with bounded memory: copied into
+/// the batch from [`Sink::write_at`], referred to in the decoder's buffer from
+/// [`Sink::write_shared`]. Every write has reached `inner` (or its error is returned) and
+/// every lent buffer has been let go when this returns.
 pub fn write_behind<R>(
     inner: &(dyn Sink + '_),
     work: impl FnOnce(&dyn Sink) -> Result<R>,
@@ -354,6 +505,21 @@ pub fn write_behind<R>(
                         buf.clear();
                         let _ = free_tx.send(buf);
                     }
+                    Behind::Shared { buf, items } => {
+                        if !failed.load(Ordering::Relaxed) {
+                            for (offset, start, len) in items {
+                                let result = match buf.get(start..start + len) {
+                                    Some(data) => inner.write_at(offset, data),
+                                    None => Err(bad_range()),
+                                };
+                                if let Err(e) = result {
+                                    fail(e);
+                                    break;
+                                }
+                            }
+                        }
+                        // Dropping `buf` hands it back to the decoder that lent it.
+                    }
                     Behind::SetSize(size, reply) => {
                         let _ = reply.send(inner.set_size(size));
                     }
@@ -382,18 +548,28 @@ pub fn write_behind<R>(
 }
 
 enum Behind {
-    /// Data in `buf`: (guest offset, start, length) each.
+    /// Data in `buf`.
     Write {
         buf: Vec<u8>,
-        items: Vec<(u64, usize, usize)>,
+        items: Vec<Item>,
+    },
+    /// Data in a decoder's buffer, written where it is.
+    Shared {
+        buf: Shared,
+        items: Vec<Item>,
     },
     SetSize(u64, std::sync::mpsc::SyncSender<Result<()>>),
 }
 
+/// A run of guest data in a batch buffer: (guest offset, start in the buffer, length).
+type Item = (u64, usize, usize);
+
 #[derive(Default)]
 struct Pending {
     buf: Option<Vec<u8>>,
-    items: Vec<(u64, usize, usize)>,
+    items: Vec<Item>,
+    /// Runs in a decoder's buffer, sent when the next write names another buffer.
+    shared: Option<(Shared, Vec<Item>)>,
 }
 
 struct BehindSink<'s> {
@@ -418,6 +594,7 @@ impl BehindSink<'_> {
 
     /// Sends what is batched.
     fn flush_locked(&self, current: &mut Pending) -> Result<()> {
+        self.flush_shared(current)?;
         if let Some(buf) = current.buf.take() {
             let items = std::mem::take(&mut current.items);
             if items.is_empty() {
@@ -428,6 +605,14 @@ impl BehindSink<'_> {
             self.send(Behind::Write { buf, items })?;
         }
         Ok(())
+    }
+
+    /// Sends the runs batched in a decoder's buffer.
+    fn flush_shared(&self, current: &mut Pending) -> Result<()> {
+        match current.shared.take() {
+            Some((buf, items)) if !items.is_empty() => self.send(Behind::Shared { buf, items }),
+            _ => Ok(()),
+        }
     }
 
     fn flush(&self) -> Result<()> {
@@ -506,27 +691,68 @@ impl Sink for BehindSink<'_> {
             return Err(err!(Io, "writing the target failed"));
         }
         let mut current = self.current.lock().map_err(|_| Self::stopped())?;
-        // Hand over only the runs of non-zero blocks, aligned to the guest disk's blocks.
-        const BLOCK: u64 = 4096;
-        let mut pos = 0usize;
-        let mut run: Option<usize> = None;
-        while pos < data.len() {
-            let guest = offset + pos as u64;
-            let end = (pos + (BLOCK - guest % BLOCK) as usize).min(data.len());
-            let zero = is_zero(&data[pos..end]);
-            match (zero, run) {
-                (true, Some(start)) => {
-                    self.push(&mut current, offset + start as u64, &data[start..pos])?;
-                    run = None;
-                }
-                (false, None) => run = Some(pos),
-                _ => {}
-            }
-            pos = end;
-        }
-        if let Some(start) = run {
-            self.push(&mut current, offset + start as u64, &data[start..])?;
-        }
-        Ok(())
+        for_non_zero_runs(offset, data, |run| {
+            self.push(&mut current, offset + run.start as u64, &data[run])
+        })
     }
+
+    fn write_shared(&self, offset: u64, buf: &Shared, range: Range<usize>) -> Result<()> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(err!(Io, "writing the target failed"));
+        }
+        let data = buf.get(range.clone()).ok_or_else(bad_range)?;
+        let mut current = self.current.lock().map_err(|_| Self::stopped())?;
+        if current
+            .shared
+            .as_ref()
+            .is_some_and(|(held, _)| !Arc::ptr_eq(held, buf))
+        {
+            self.flush_shared(&mut current)?;
+        }
+        let (_, items) = current
+            .shared
+            .get_or_insert_with(|| (Arc::clone(buf), Vec::new()));
+        for_non_zero_runs(offset, data, |run| {
+            let guest = offset + run.start as u64;
+            let start = range.start + run.start;
+            match items.last_mut() {
+                // Continues the previous run on the guest disk and in the buffer.
+                Some(last) if last.0 + last.2 as u64 == guest && last.1 + last.2 == start => {
+                    last.2 += run.len();
+                }
+                _ => items.push((guest, start, run.len())),
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Calls `f` with every run of `data` (placed at guest offset `offset`) that is not made of
+/// zero 4 KiB blocks of the guest disk: only those are handed to the target.
+fn for_non_zero_runs(
+    offset: u64,
+    data: &[u8],
+    mut f: impl FnMut(Range<usize>) -> Result<()>,
+) -> Result<()> {
+    const BLOCK: u64 = 4096;
+    let mut pos = 0usize;
+    let mut run: Option<usize> = None;
+    while pos < data.len() {
+        let guest = offset + pos as u64;
+        let end = (pos + (BLOCK - guest % BLOCK) as usize).min(data.len());
+        let zero = is_zero(&data[pos..end]);
+        match (zero, run) {
+            (true, Some(start)) => {
+                f(start..pos)?;
+                run = None;
+            }
+            (false, None) => run = Some(pos),
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(start) = run {
+        f(start..data.len())?;
+    }
+    Ok(())
 }

@@ -23,21 +23,25 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use super::{ClusterCompression, Header};
 use crate::ImageInfo;
-use crate::align::PageBuf;
 use crate::decode::Job;
 use crate::error::{Error, Result, err};
 use crate::pending::Pending;
-use crate::sink::{Output, Sink};
+use crate::sink::{Output, Shared, SharedPool, Sink};
 use crate::view::View;
 
 /// Bytes read from the stream at a time (a multiple of every cluster size, 512 B..2 MiB).
-const CHUNK: u64 = 4 << 20;
+/// The write-behind sink holds a few read buffers while it writes their data clusters out,
+/// so this size times about six is what reading costs in memory (2 MiB: 4 MiB was no faster
+/// and cost 8 MiB more at the peak).
+const CHUNK: u64 = 2 << 20;
 /// Compressed bytes handed to a decompression thread at a time.
 const BATCH: usize = 1 << 20;
+/// Inflated bytes per buffer lent to the sink (each decompression thread has a few).
+const INFLATED: usize = 1 << 20;
 /// The largest bytes a compressed cluster descriptor can span: (2^(cluster_bits-8) sectors,
 /// the most the sector field holds for 2 MiB clusters, plus one) — checked per image.
 const L2_ENTRY_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -70,6 +74,7 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
             let header = &header;
             scope.spawn(move || {
                 let mut inflater = Inflater::new(header);
+                let mut pool = SharedPool::default();
                 loop {
                     let batch = match rx.lock() {
                         Ok(guard) => guard.recv(),
@@ -79,7 +84,7 @@ pub fn decode(job: &mut Job<'_>) -> Result<ImageInfo> {
                     if failed.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if let Err(e) = batch.run(&mut inflater, out) {
+                    if let Err(e) = batch.run(&mut inflater, out, &mut pool) {
                         failed.store(true, Ordering::Relaxed);
                         if let Ok(mut slot) = first_error.lock() {
                             slot.get_or_insert(e);
@@ -137,10 +142,38 @@ impl Batch {
         self.items.push((guest, start, self.data.len(), out_len));
     }
 
-    fn run(&self, inflater: &mut Inflater, out: &Output<'_, dyn Sink + '_>) -> Result<()> {
-        for &(guest, start, end, out_len) in &self.items {
-            let cluster = inflater.inflate(&self.data[start..end], guest)?;
-            out.write(guest, &cluster[..out_len as usize])?;
+    /// Inflates the clusters into buffers lent to the sink (a few clusters each), which
+    /// writes them from there: no copy of the inflated bytes.
+    fn run(
+        &self,
+        inflater: &mut Inflater,
+        out: &Output<'_, dyn Sink + '_>,
+        pool: &mut SharedPool,
+    ) -> Result<()> {
+        let cluster = inflater.cluster;
+        for group in self.items.chunks((INFLATED / cluster).max(1)) {
+            // One byte more than the clusters: the inflater notices a cluster that inflates
+            // past its end by writing into the next one's first byte (inflated after it).
+            let mut shared = pool.take(group.len() * cluster + 1);
+            let Some(buf) = Arc::get_mut(&mut shared) else {
+                return Err(err!(
+                    Io,
+                    "an inflate buffer is still in use (a decoder bug)"
+                ));
+            };
+            for (i, &(guest, start, end, _)) in group.iter().enumerate() {
+                let at = i * cluster;
+                inflater.inflate(
+                    &self.data[start..end],
+                    guest,
+                    &mut buf[at..at + cluster + 1],
+                )?;
+            }
+            for (i, &(guest, _, _, out_len)) in group.iter().enumerate() {
+                let at = i * cluster;
+                out.write_shared(guest, &shared, at..at + out_len as usize)?;
+            }
+            pool.give(shared);
         }
         Ok(())
     }
@@ -152,7 +185,6 @@ struct Inflater {
     cluster: usize,
     deflate: flate2::Decompress,
     zstd: Option<zstd::stream::raw::Decoder<'static>>,
-    buf: Vec<u8>,
 }
 
 impl Inflater {
@@ -163,20 +195,19 @@ impl Inflater {
             cluster,
             deflate: flate2::Decompress::new(false),
             zstd: None,
-            // One byte more than a cluster, to notice data that inflates past it.
-            buf: vec![0u8; cluster + 1],
         }
     }
 
     /// Inflates one compressed cluster (whose descriptor may cover a few bytes more than
-    /// its stream: they are ignored, as QEMU does).
-    fn inflate(&mut self, src: &[u8], guest: u64) -> Result<&[u8]> {
+    /// its stream: they are ignored, as QEMU does) into `dst`, a cluster and one byte more
+    /// (to notice data that inflates past the cluster).
+    fn inflate(&mut self, src: &[u8], guest: u64, dst: &mut [u8]) -> Result<()> {
         let produced = match self.kind {
             ClusterCompression::Deflate => {
                 self.deflate.reset(false);
-                let status =
-                    self.deflate
-                        .decompress(src, &mut self.buf, flate2::FlushDecompress::Finish);
+                let status = self
+                    .deflate
+                    .decompress(src, dst, flate2::FlushDecompress::Finish);
                 if let Err(e) = status {
                     return Err(err!(
                         Corrupt,
@@ -185,7 +216,7 @@ impl Inflater {
                 }
                 self.deflate.total_out() as usize
             }
-            ClusterCompression::Zstd => self.inflate_zstd(src, guest)?,
+            ClusterCompression::Zstd => self.inflate_zstd(src, guest, dst)?,
         };
         if produced > self.cluster {
             return Err(err!(
@@ -201,10 +232,10 @@ impl Inflater {
                 self.cluster
             ));
         }
-        Ok(&self.buf[..self.cluster])
+        Ok(())
     }
 
-    fn inflate_zstd(&mut self, src: &[u8], guest: u64) -> Result<usize> {
+    fn inflate_zstd(&mut self, src: &[u8], guest: u64, dst: &mut [u8]) -> Result<usize> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         let damaged = |e: std::io::Error| {
             err!(
@@ -222,7 +253,7 @@ impl Inflater {
                 .insert(zstd::stream::raw::Decoder::new().map_err(damaged)?),
         };
         let mut input = InBuffer::around(src);
-        let mut output = OutBuffer::around(&mut self.buf[..]);
+        let mut output = OutBuffer::around(dst);
         loop {
             let (in_before, out_before) = (input.pos(), output.pos());
             let hint = decoder.run(&mut input, &mut output).map_err(damaged)?;
@@ -316,7 +347,9 @@ impl<'a, 'o> Decoder<'a, 'o> {
             let bytes = self.read_behind(self.h.l1_table_offset, self.l1_len(), "the L1 table")?;
             self.parse_l1(&bytes)?;
         }
-        let mut buf = PageBuf::default();
+        // Read buffers are lent to the sink, which writes data clusters from them where they
+        // are (no copy) and lets go of them when written.
+        let mut pool = SharedPool::default();
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 return Ok(()); // the thread's error is reported by the caller
@@ -328,16 +361,20 @@ impl<'a, 'o> Decoder<'a, 'o> {
                     if lent.is_empty() {
                         break;
                     }
-                    self.chunk(lent)?;
+                    self.chunk(lent, None)?;
                     lent.len()
                 }
                 None => {
-                    buf.ensure(CHUNK as usize);
+                    let mut shared = pool.take(CHUNK as usize);
+                    let Some(buf) = Arc::get_mut(&mut shared) else {
+                        return Err(err!(Io, "a read buffer is still in use (a decoder bug)"));
+                    };
                     let n = stream.read_full(&mut buf[..CHUNK as usize])?;
                     if n == 0 {
                         break;
                     }
-                    self.chunk(&buf[..n])?;
+                    self.chunk(&shared[..n], Some(&shared))?;
+                    pool.give(shared);
                     if n < CHUNK as usize {
                         self.pos += n as u64;
                         break;
@@ -363,8 +400,9 @@ impl<'a, 'o> Decoder<'a, 'o> {
         self.h.l1_size as usize * 8
     }
 
-    /// Processes the image bytes `chunk` at `self.pos`.
-    fn chunk(&mut self, chunk: &[u8]) -> Result<()> {
+    /// Processes the image bytes `chunk` at `self.pos`. `shared` is the buffer `chunk` begins
+    /// (when it was read into one): data is handed to the sink from there without a copy.
+    fn chunk(&mut self, chunk: &[u8], shared: Option<&Shared>) -> Result<()> {
         let start = self.pos;
         let end = start + chunk.len() as u64;
         // Spans of this chunk that are metadata or data (not to be kept as pending).
@@ -436,8 +474,11 @@ impl<'a, 'o> Decoder<'a, 'o> {
             self.runs.remove(&(host, guest));
             let run_end = host + run.len;
             let to = run_end.min(end);
-            let bytes = &chunk[(host - start) as usize..(to - start) as usize];
-            self.out.write(guest, bytes)?;
+            let range = (host - start) as usize..(to - start) as usize;
+            match shared {
+                Some(buf) => self.out.write_shared(guest, buf, range)?,
+                None => self.out.write(guest, &chunk[range])?,
+            }
             claimed.push((host, to));
             if to < run_end {
                 let rest = to - host;
