@@ -493,30 +493,20 @@ pub fn write_behind<R>(
             for message in rx {
                 match message {
                     Behind::Write { buf, items } => {
-                        if !failed.load(Ordering::Relaxed) {
-                            for (offset, start, len) in items {
-                                if let Err(e) = inner.write_at(offset, &buf[start..start + len]) {
-                                    fail(e);
-                                    break;
-                                }
-                            }
+                        if !failed.load(Ordering::Relaxed)
+                            && let Err(e) = write_items(inner, &buf, &items)
+                        {
+                            fail(e);
                         }
                         let mut buf = buf;
                         buf.clear();
                         let _ = free_tx.send(buf);
                     }
                     Behind::Shared { buf, items } => {
-                        if !failed.load(Ordering::Relaxed) {
-                            for (offset, start, len) in items {
-                                let result = match buf.get(start..start + len) {
-                                    Some(data) => inner.write_at(offset, data),
-                                    None => Err(bad_range()),
-                                };
-                                if let Err(e) = result {
-                                    fail(e);
-                                    break;
-                                }
-                            }
+                        if !failed.load(Ordering::Relaxed)
+                            && let Err(e) = write_items(inner, &buf, &items)
+                        {
+                            fail(e);
                         }
                         // Dropping `buf` hands it back to the decoder that lent it.
                     }
@@ -563,6 +553,15 @@ enum Behind {
 
 /// A run of guest data in a batch buffer: (guest offset, start in the buffer, length).
 type Item = (u64, usize, usize);
+
+/// Writes a batch's runs, held in `buf`, to `inner`; stops at the first error.
+fn write_items(inner: &(dyn Sink + '_), buf: &[u8], items: &[Item]) -> Result<()> {
+    for &(offset, start, len) in items {
+        let data = buf.get(start..start + len).ok_or_else(bad_range)?;
+        inner.write_at(offset, data)?;
+    }
+    Ok(())
+}
 
 #[derive(Default)]
 struct Pending {
