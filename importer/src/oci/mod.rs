@@ -119,8 +119,12 @@ impl Client {
             Some(path) => AuthConfig::load(path)?,
             None => AuthConfig::empty(),
         };
+        // One worker: the runtime only moves bytes between sockets and channels (hashing
+        // and decoding run on the caller's blocking threads). A second worker made every
+        // chunk of a push cross between threads: HTTP -> DVCR measured about 5% slower with
+        // two (3.91 s against 3.71 s, medians of five alternating runs on two cores).
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("oci-client")
             .enable_all()
             .build()
