@@ -191,24 +191,29 @@ pub fn run(args: &Args) -> ExitCode {
         let progress = Arc::new(Progress::new());
         job.progress = Arc::clone(&progress);
         let bar = progress_bar();
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The bar is updated ten times a second until `done` is dropped, which wakes the
+        // ticker at once (a plain sleep kept every import up to 100 ms past its end).
+        let (done, stop) = std::sync::mpsc::channel::<()>();
         let ticker = {
-            let (bar, done, progress) = (bar.clone(), Arc::clone(&done), Arc::clone(&progress));
+            let (bar, progress) = (bar.clone(), Arc::clone(&progress));
             std::thread::spawn(move || {
                 let mut sized = false;
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                loop {
                     if let (false, Some(total)) = (sized, progress.total()) {
                         bar.set_length(total);
                         bar.set_style(bar_style());
                         sized = true;
                     }
                     bar.set_position(progress.read());
-                    std::thread::sleep(Duration::from_millis(100));
+                    match stop.recv_timeout(Duration::from_millis(100)) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
                 }
             })
         };
         let outcome = dvcr_importer::run(job);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(done);
         let _ = ticker.join();
         bar.finish_and_clear();
         outcome.map(|o| (o, progress.elapsed()))
