@@ -28,6 +28,8 @@ pub mod qcow2;
 pub mod sink;
 pub mod sparse;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

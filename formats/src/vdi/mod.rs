@@ -316,67 +316,12 @@ mod tests {
     use crate::ErrorKind;
     use crate::detect::detect;
     use crate::probe::{StreamProbe, probe_path, probe_reader};
+    use crate::testing::{Scratch, qemu_img, qemu_info};
     use crate::view::SliceView;
     use std::io::Cursor;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::path::Path;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
-
-    /// A directory of the test's own under the system temp dir, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> std::io::Result<Self> {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("dvcr-vdi-{tag}-{}-{n}", std::process::id()));
-            // Left over from a killed run with the same pid: start afresh.
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir(&dir)?;
-            Ok(Self(dir))
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Runs the real qemu-img; its stdout, or why it failed.
-    fn qemu_img(args: &[&str]) -> std::result::Result<String, String> {
-        let out = Command::new("/usr/bin/qemu-img")
-            .args(args)
-            .output()
-            .map_err(|e| format!("running qemu-img {args:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The format and virtual size `qemu-img info` (detecting the format itself) reports.
-    fn qemu_info(path: &Path) -> std::result::Result<(String, u64), String> {
-        let json = qemu_img(&["info", "--output=json", &path.to_string_lossy()])?;
-        let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
-        let format = value["format"]
-            .as_str()
-            .ok_or_else(|| format!("no format in {json}"))?;
-        let size = value["virtual-size"]
-            .as_u64()
-            .ok_or_else(|| format!("no virtual-size in {json}"))?;
-        Ok((format.to_owned(), size))
-    }
 
     fn qemu_create(path: &Path, static_: bool, size: &str) -> std::result::Result<(), String> {
         let options = if static_ { "static=on" } else { "static=off" };
@@ -492,7 +437,7 @@ mod tests {
 
     #[test]
     fn vdis_made_by_qemu_img_have_the_size_qemu_img_reports() -> TestResult {
-        let scratch = Scratch::new("sizes")?;
+        let scratch = Scratch::new("vdi-sizes")?;
         let sizes = [
             "0",
             "1",
@@ -508,7 +453,7 @@ mod tests {
             for size in sizes {
                 let path = scratch.path(&format!("{size}-{subformat}.vdi"));
                 qemu_create(&path, static_, size)?;
-                let (format, expected) = qemu_info(&path)?;
+                let (format, expected) = qemu_info(&path, None)?;
                 assert_eq!(format, "vdi");
                 let info = if std::fs::metadata(&path)?.len() <= 16 << 20 {
                     let bytes = std::fs::read(&path)?;
@@ -538,7 +483,7 @@ mod tests {
     fn qemu_img_rounds_tiny_sizes_up_to_a_sector() -> TestResult {
         // Observed with qemu-img 10.0: `create -f vdi x.vdi 1` makes a 512-byte disk, 513
         // bytes a 1024-byte one, 1048577 bytes a 1049088-byte one.
-        let scratch = Scratch::new("tiny")?;
+        let scratch = Scratch::new("vdi-tiny")?;
         for (size, expected) in [("1", 512), ("513", 1024), ("1048577", 1_049_088)] {
             let path = scratch.path(&format!("{size}.vdi"));
             qemu_create(&path, false, size)?;
@@ -552,18 +497,18 @@ mod tests {
 
     #[test]
     fn a_disk_size_off_the_sector_grid_is_rounded_up_like_qemu() -> TestResult {
-        let scratch = Scratch::new("odd")?;
+        let scratch = Scratch::new("vdi-odd")?;
         let image = Layout::dynamic((100 << 20) - 100, 0).build();
         let path = scratch.path("odd.vdi");
         std::fs::write(&path, &image)?;
-        assert_eq!(qemu_info(&path)?, ("vdi".to_owned(), 100 << 20));
+        assert_eq!(qemu_info(&path, None)?, ("vdi".to_owned(), 100 << 20));
         assert_eq!(both_ways(&image), Ok((Format::Vdi, 100 << 20)));
         Ok(())
     }
 
     #[test]
     fn hand_made_images_are_accepted_by_qemu_img_with_the_same_size() -> TestResult {
-        let scratch = Scratch::new("hand-made")?;
+        let scratch = Scratch::new("vdi-hand-made")?;
         let far = Layout {
             disk_size: 300 << 20,
             map_at: 1 << 20,
@@ -583,7 +528,7 @@ mod tests {
             let image = layout.build();
             let path = scratch.path(&format!("{name}.vdi"));
             std::fs::write(&path, &image)?;
-            let (format, expected) = qemu_info(&path)?;
+            let (format, expected) = qemu_info(&path, None)?;
             assert_eq!(format, "vdi");
             assert_eq!(both_ways(&image), Ok((Format::Vdi, expected)), "{name}");
         }
@@ -809,7 +754,7 @@ mod tests {
 
     #[test]
     fn no_truncation_of_a_real_vdi_panics() -> TestResult {
-        let scratch = Scratch::new("truncate")?;
+        let scratch = Scratch::new("vdi-truncate")?;
         for static_ in [false, true] {
             let path = scratch.path(&format!("{static_}.vdi"));
             qemu_create(&path, static_, "2M")?;
@@ -824,7 +769,7 @@ mod tests {
 
     #[test]
     fn no_single_byte_corruption_of_a_real_vdi_panics() -> TestResult {
-        let scratch = Scratch::new("corrupt")?;
+        let scratch = Scratch::new("vdi-corrupt")?;
         for static_ in [false, true] {
             let path = scratch.path(&format!("{static_}.vdi"));
             qemu_create(&path, static_, "3M")?;

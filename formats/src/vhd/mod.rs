@@ -480,63 +480,16 @@ mod tests {
     use crate::ErrorKind;
     use crate::detect::detect;
     use crate::probe::{StreamProbe, probe_path, probe_reader};
+    use crate::testing::{Scratch, qemu_img, qemu_info};
     use crate::view::SliceView;
     use std::io::Cursor;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::path::Path;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-    /// A directory of the test's own under the system temp dir, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> std::io::Result<Self> {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("dvcr-vhd-{tag}-{}-{n}", std::process::id()));
-            // Left over from a killed run with the same pid: start afresh.
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir(&dir)?;
-            Ok(Self(dir))
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Runs the real qemu-img; its stdout, or why it failed.
-    fn qemu_img(args: &[&str]) -> std::result::Result<String, String> {
-        let out = Command::new("/usr/bin/qemu-img")
-            .args(args)
-            .output()
-            .map_err(|e| format!("running qemu-img {args:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
     /// The virtual size `qemu-img info -f vpc` reports for `path`.
     fn qemu_vpc_size(path: &Path) -> std::result::Result<u64, String> {
-        let shown = path.to_string_lossy();
-        let json = qemu_img(&["info", "-f", "vpc", "--output=json", &shown])?;
-        let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
-        value["virtual-size"]
-            .as_u64()
-            .ok_or_else(|| format!("no virtual-size in {json}"))
+        qemu_info(path, Some("vpc")).map(|(_, size)| size)
     }
 
     /// Creates a VHD with qemu-img; `options` as for `-o`.
@@ -682,7 +635,7 @@ mod tests {
 
     #[test]
     fn dynamic_vhds_made_by_qemu_img_have_the_size_qemu_img_reports() -> TestResult {
-        let scratch = Scratch::new("dynamic")?;
+        let scratch = Scratch::new("vhd-dynamic")?;
         for size in ["0", "1M", "10M", "100M", "1G", "3G", "127G", "2040G"] {
             for force in ["off", "on"] {
                 let path = scratch.path(&format!("{size}-{force}.vhd"));
@@ -712,7 +665,7 @@ mod tests {
     fn qemu_rounds_to_a_geometry_unless_told_to_force_the_size() -> TestResult {
         // Observed with qemu-img 10.0: `create -f vpc x.vhd 10M` makes a 10514432-byte disk
         // (302/4/17 sectors), `-o force_size=on` exactly 10 MiB.
-        let scratch = Scratch::new("rounding")?;
+        let scratch = Scratch::new("vhd-rounding")?;
         for (force, expected) in [("off", 10_514_432), ("on", 10_485_760)] {
             let path = scratch.path(&format!("{force}.vhd"));
             qemu_create(&path, &format!("force_size={force}"), "10M")?;
@@ -724,7 +677,7 @@ mod tests {
 
     #[test]
     fn probe_fixed_reads_the_size_from_the_trailing_footer() -> TestResult {
-        let scratch = Scratch::new("fixed")?;
+        let scratch = Scratch::new("vhd-fixed")?;
         for size in ["1M", "10M", "33M"] {
             for force in ["off", "on"] {
                 let path = scratch.path(&format!("{size}-{force}.vhd"));
@@ -753,7 +706,7 @@ mod tests {
     #[test]
     fn large_fixed_vhds_are_sized_by_random_access_like_qemu_img() -> TestResult {
         // qemu-img makes these sparse, so they cost no disk space.
-        let scratch = Scratch::new("large-fixed")?;
+        let scratch = Scratch::new("vhd-large-fixed")?;
         for size in ["3G", "127G", "2040G"] {
             for force in ["off", "on"] {
                 let path = scratch.path(&format!("{size}-{force}.vhd"));
@@ -772,7 +725,7 @@ mod tests {
     #[test]
     fn only_vpc_and_qemu_creators_have_their_geometry_trusted_like_qemu() -> TestResult {
         // 302/4/17 sectors = 10514432 bytes; current size 10 MiB.
-        let scratch = Scratch::new("creators")?;
+        let scratch = Scratch::new("vhd-creators")?;
         let cases: [(&[u8; 4], [u8; 4], u64); 7] = [
             (b"qemu", [0x01, 0x2e, 4, 17], 10_514_432),
             (b"vpc ", [0x01, 0x2e, 4, 17], 10_514_432),
@@ -804,7 +757,7 @@ mod tests {
 
     #[test]
     fn the_current_size_is_rounded_down_to_whole_sectors_like_qemu() -> TestResult {
-        let scratch = Scratch::new("odd-size")?;
+        let scratch = Scratch::new("vhd-odd-size")?;
         let mut image = dynamic_vhd(10 << 20, 1536, 0);
         edit_footers(&mut image, true, |f| put_u64(f, 48, (10 << 20) - 100));
         let path = scratch.path("odd.vhd");
@@ -816,7 +769,7 @@ mod tests {
 
     #[test]
     fn hand_made_images_are_accepted_by_qemu_img_with_the_same_size() -> TestResult {
-        let scratch = Scratch::new("hand-made")?;
+        let scratch = Scratch::new("vhd-hand-made")?;
         let images = [
             ("dynamic.vhd", dynamic_vhd(100 << 20, 1536, 2)),
             ("far-table.vhd", dynamic_vhd(64 << 20, 3 << 20, 1)),
@@ -1044,7 +997,7 @@ mod tests {
 
     #[test]
     fn no_truncation_of_a_real_dynamic_vhd_panics() -> TestResult {
-        let scratch = Scratch::new("truncate")?;
+        let scratch = Scratch::new("vhd-truncate")?;
         let path = scratch.path("d.vhd");
         qemu_create(&path, "subformat=dynamic", "10M")?;
         let bytes = std::fs::read(&path)?;
@@ -1059,7 +1012,7 @@ mod tests {
 
     #[test]
     fn no_single_byte_corruption_of_a_real_vhd_panics() -> TestResult {
-        let scratch = Scratch::new("corrupt")?;
+        let scratch = Scratch::new("vhd-corrupt")?;
         for subformat in ["dynamic", "fixed"] {
             let path = scratch.path(&format!("{subformat}.vhd"));
             qemu_create(&path, &format!("subformat={subformat}"), "1M")?;

@@ -838,10 +838,9 @@ fn validate(header: Header, log: Span, regions: Regions, v: Values) -> Result<La
 mod tests {
     use super::*;
     use crate::ErrorKind;
+    use crate::testing::{Scratch, qemu_img, qemu_info};
     use crate::view::SliceView;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -1035,54 +1034,11 @@ mod tests {
         sealed(Spec::dynamic(10 << 20), change)
     }
 
-    /// A directory under the system temporary directory, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> std::io::Result<Self> {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!(
-                "dvcr-vhdx-test-{}-{name}-{unique}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&path)?;
-            Ok(Self(path))
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Runs the real qemu-img; returns its output, or an error with its stderr.
-    fn qemu_img(args: &[&str]) -> std::result::Result<String, String> {
-        let out = Command::new("/usr/bin/qemu-img")
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run /usr/bin/qemu-img (install qemu-utils): {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
     /// The virtual size `qemu-img info` reports for a vhdx file.
     fn qemu_virtual_size(path: &Path) -> std::result::Result<u64, Box<dyn std::error::Error>> {
-        let path = path.to_str().ok_or("non-UTF-8 temporary path")?;
-        let json: serde_json::Value =
-            serde_json::from_str(&qemu_img(&["info", "-f", "vhdx", "--output=json", path])?)?;
-        assert_eq!(json["format"], "vhdx");
-        json["virtual-size"]
-            .as_u64()
-            .ok_or_else(|| "qemu-img info printed no virtual-size".into())
+        let (format, size) = qemu_info(path, Some("vhdx"))?;
+        assert_eq!(format, "vhdx");
+        Ok(size)
     }
 
     /// Checks both probes against `qemu-img info` for the vhdx file at `path`.
@@ -1117,7 +1073,7 @@ mod tests {
     }
 
     fn create(
-        dir: &TempDir,
+        dir: &Scratch,
         name: &str,
         size: &str,
         options: &str,
@@ -1130,7 +1086,7 @@ mod tests {
 
     #[test]
     fn probe_matches_qemu_for_dynamic_images_of_several_sizes() -> TestResult {
-        let dir = TempDir::new("dynamic")?;
+        let dir = Scratch::new("vhdx-dynamic")?;
         for (i, size) in ["0", "10M", "1G", "3G", "3221229568", "1T"]
             .into_iter()
             .enumerate()
@@ -1143,7 +1099,7 @@ mod tests {
 
     #[test]
     fn probe_matches_qemu_for_fixed_images() -> TestResult {
-        let dir = TempDir::new("fixed")?;
+        let dir = Scratch::new("vhdx-fixed")?;
         for (i, size) in ["16M", "5243392"].into_iter().enumerate() {
             let path = create(&dir, &format!("{i}.vhdx"), size, "subformat=fixed")?;
             assert_matches_qemu(&path, "fixed", None)?;
@@ -1153,7 +1109,7 @@ mod tests {
 
     #[test]
     fn probe_matches_qemu_for_explicit_block_and_log_sizes() -> TestResult {
-        let dir = TempDir::new("options")?;
+        let dir = Scratch::new("vhdx-options")?;
         let cases = [
             ("1G", "block_size=1M", 1u64 << 20),
             ("3G", "block_size=256M", 256 << 20),
@@ -1169,7 +1125,7 @@ mod tests {
 
     #[test]
     fn probe_matches_qemu_for_an_image_converted_from_raw_data() -> TestResult {
-        let dir = TempDir::new("convert")?;
+        let dir = Scratch::new("vhdx-convert")?;
         let mut raw = vec![0u8; 20 << 20];
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for range in [0..5 << 20, 12 << 20..14 << 20, (20 << 20) - 4096..20 << 20] {
@@ -1204,7 +1160,7 @@ mod tests {
 
     #[test]
     fn hand_made_images_read_the_same_in_qemu() -> TestResult {
-        let dir = TempDir::new("hand-made")?;
+        let dir = Scratch::new("vhdx-hand-made")?;
         for spec in [
             Spec::dynamic(10 << 20),
             Spec {
@@ -1249,7 +1205,7 @@ mod tests {
 
     #[test]
     fn the_advice_for_a_log_to_replay_works_with_qemu() -> TestResult {
-        let dir = TempDir::new("log")?;
+        let dir = Scratch::new("vhdx-log")?;
         let path = dir.path("log.vhdx");
         std::fs::write(&path, default_image(with_replayable_log))?;
         let shown = path.to_str().ok_or("path")?;

@@ -705,34 +705,15 @@ fn shown(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use crate::testing::{self, Scratch};
     use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A scratch directory under the system temp dir, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("dvcr-vmdk-{}-{n}-{name}", std::process::id()));
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                panic!("creating {}: {e}", dir.display());
-            }
-            Self(dir)
-        }
-
-        fn path(&self, file: &str) -> PathBuf {
-            self.0.join(file)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A scratch directory of the test's own, removed when dropped.
+    fn scratch(name: &str) -> Scratch {
+        check(
+            Scratch::new(&format!("vmdk-{name}")),
+            "creating a scratch directory",
+        )
     }
 
     fn check<T, E: std::fmt::Display>(result: std::result::Result<T, E>, what: &str) -> T {
@@ -742,17 +723,9 @@ mod tests {
         }
     }
 
-    fn qemu_img(args: &[&str]) -> Vec<u8> {
-        let out = check(
-            Command::new("qemu-img").args(args).output(),
-            "running qemu-img (install qemu-utils to run these tests)",
-        );
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+    /// Runs the real qemu-img; its stdout.
+    fn qemu_img(args: &[&str]) -> String {
+        check(testing::qemu_img(args), "qemu-img")
     }
 
     fn path_str(path: &Path) -> &str {
@@ -764,15 +737,7 @@ mod tests {
 
     /// `qemu-img info`'s format and virtual size for a file.
     fn qemu_info(path: &Path) -> (String, u64) {
-        let json = qemu_img(&["info", "--output=json", path_str(path)]);
-        let value: serde_json::Value =
-            check(serde_json::from_slice(&json), "parsing qemu-img info");
-        let format = value["format"].as_str().map(str::to_owned);
-        let size = value["virtual-size"].as_u64();
-        match (format, size) {
-            (Some(format), Some(size)) => (format, size),
-            _ => panic!("unexpected qemu-img info output: {value}"),
-        }
+        check(testing::qemu_info(path, None), "qemu-img info")
     }
 
     fn create(dir: &Scratch, subformat: &str, size: &str) -> PathBuf {
@@ -892,7 +857,7 @@ mod tests {
 
     #[test]
     fn probe_agrees_with_qemu_on_empty_sparse_images_of_odd_sizes() {
-        let dir = Scratch::new("sizes");
+        let dir = scratch("sizes");
         for subformat in ["monolithicSparse", "streamOptimized"] {
             for size in ["100M", "1073742336", "3000000000", "1000"] {
                 let info = agrees_with_qemu(&create(&dir, subformat, size));
@@ -905,7 +870,7 @@ mod tests {
 
     #[test]
     fn probe_agrees_with_qemu_on_images_converted_from_raw_data() {
-        let dir = Scratch::new("convert");
+        let dir = scratch("convert");
         let raw = dir.path("data.raw");
         let mut data = vec![0u8; (5 << 20) + 512];
         let mut state = 0x2545_f491_u32;
@@ -978,7 +943,7 @@ mod tests {
 
     #[test]
     fn probe_takes_the_header_from_the_footer_when_the_grain_directory_is_at_the_end() {
-        let dir = Scratch::new("gd-at-end");
+        let dir = scratch("gd-at-end");
         let (bytes, size) = gd_at_end(&dir);
         assert_eq!(both_paths(&bytes), (Format::Vmdk, size));
         let path = dir.path("vmware-style.vmdk");
@@ -997,7 +962,7 @@ mod tests {
 
     #[test]
     fn probe_refuses_a_grain_directory_at_the_end_without_a_valid_footer() {
-        let dir = Scratch::new("bad-footer");
+        let dir = scratch("bad-footer");
         let (mut bytes, _) = gd_at_end(&dir);
         let len = bytes.len();
         bytes[len - 1024..len - 1020].copy_from_slice(b"XXXX");
@@ -1159,7 +1124,7 @@ mod tests {
 
     #[test]
     fn probe_refuses_a_zero_capacity_image_like_qemu() {
-        let dir = Scratch::new("zero");
+        let dir = scratch("zero");
         let bytes = read(&create(&dir, "monolithicSparse", "0"));
         assert_refused(&bytes, ErrorKind::Unsupported, "capacity of 0 sectors");
     }
@@ -1173,7 +1138,7 @@ mod tests {
 
     #[test]
     fn probe_refuses_a_descriptor_that_names_extent_files() {
-        let dir = Scratch::new("descriptors");
+        let dir = scratch("descriptors");
         let flat = read(&create(&dir, "monolithicFlat", "10M"));
         let (kind, message) = match crate::detect::detect(&SliceView(&flat)) {
             Ok(info) => panic!("expected a refusal, got {info:?}"),
@@ -1230,7 +1195,7 @@ mod tests {
 
     #[test]
     fn probe_never_panics_on_truncated_or_corrupted_headers() {
-        let dir = Scratch::new("no-panic");
+        let dir = scratch("no-panic");
         let real = read(&create(&dir, "streamOptimized", "100M"));
         for len in 0..=1536 {
             let _ = probe(&SliceView(&real[..len]));
