@@ -1,9 +1,16 @@
-//! Helpers the format modules' unit tests share: a scratch directory of a test's own and
-//! the real `qemu-img`, which makes and inspects the images the decoders are checked on.
+//! Helpers the format modules' unit tests share: a scratch directory of a test's own, the
+//! real `qemu-img` (which makes and inspects the images the decoders are checked on), and
+//! detection run both ways (random access and one pass) on hand-made bytes.
 
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::detect::detect;
+use crate::probe::probe_reader;
+use crate::view::SliceView;
+use crate::{ErrorKind, Format, ImageInfo};
 
 /// A directory of one test's own under the system temp dir, removed when dropped.
 pub(crate) struct Scratch(PathBuf);
@@ -65,4 +72,36 @@ pub(crate) fn qemu_info(path: &Path, format: Option<&str>) -> Result<(String, u6
         .as_u64()
         .ok_or_else(|| format!("no virtual-size in {json}"))?;
     Ok((found.to_owned(), size))
+}
+
+/// What detecting an image found: its format and virtual size, or the error's kind and
+/// message.
+pub(crate) type Outcome = Result<(Format, u64), (ErrorKind, String)>;
+
+fn outcome(result: crate::Result<ImageInfo>) -> Outcome {
+    result
+        .map(|i| (i.format, i.virtual_size))
+        .map_err(|e| (e.kind(), e.message().to_owned()))
+}
+
+/// Detection by random access and over a one-pass stream; asserts that they agree.
+pub(crate) fn both_ways(bytes: &[u8]) -> Outcome {
+    let random = outcome(detect(&SliceView(bytes)));
+    let streamed = outcome(probe_reader(Cursor::new(bytes.to_vec())).map(|p| p.info));
+    assert_eq!(random, streamed, "random access and streaming disagree");
+    random
+}
+
+/// Asserts that `bytes` are refused both ways, with `kind` and a message containing `words`.
+pub(crate) fn assert_refused(bytes: &[u8], kind: ErrorKind, words: &str) {
+    match both_ways(bytes) {
+        Err((k, message)) => {
+            assert_eq!(k, kind, "wrong kind for: {message}");
+            assert!(
+                message.contains(words),
+                "{message:?} does not mention {words:?}"
+            );
+        }
+        Ok(found) => panic!("accepted as {found:?}, expected a {kind:?} refusal"),
+    }
 }

@@ -315,10 +315,9 @@ mod tests {
     use super::*;
     use crate::ErrorKind;
     use crate::detect::detect;
-    use crate::probe::{StreamProbe, probe_path, probe_reader};
-    use crate::testing::{Scratch, qemu_img, qemu_info};
+    use crate::probe::{StreamProbe, probe_path};
+    use crate::testing::{Scratch, assert_refused, both_ways, qemu_img, qemu_info};
     use crate::view::SliceView;
-    use std::io::Cursor;
     use std::path::Path;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
@@ -336,36 +335,6 @@ mod tests {
             size,
         ])
         .map(drop)
-    }
-
-    type Outcome = std::result::Result<(Format, u64), (ErrorKind, String)>;
-
-    fn outcome(result: Result<ImageInfo>) -> Outcome {
-        result
-            .map(|i| (i.format, i.virtual_size))
-            .map_err(|e| (e.kind(), e.message().to_owned()))
-    }
-
-    /// Detection by random access and over a one-pass stream; asserts that they agree.
-    fn both_ways(bytes: &[u8]) -> Outcome {
-        let random = outcome(detect(&SliceView(bytes)));
-        let streamed = outcome(probe_reader(Cursor::new(bytes.to_vec())).map(|p| p.info));
-        assert_eq!(random, streamed, "random access and streaming disagree");
-        random
-    }
-
-    /// Asserts that `bytes` are refused, both ways, with `kind` and a message containing `words`.
-    fn assert_refused(bytes: &[u8], kind: ErrorKind, words: &str) {
-        match both_ways(bytes) {
-            Err((k, message)) => {
-                assert_eq!(k, kind, "wrong kind for: {message}");
-                assert!(
-                    message.contains(words),
-                    "{message:?} does not mention {words:?}"
-                );
-            }
-            Ok(found) => panic!("accepted as {found:?}, expected a {kind:?} refusal"),
-        }
     }
 
     fn put_u32(bytes: &mut [u8], at: usize, value: u32) {
