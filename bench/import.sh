@@ -172,6 +172,12 @@ med() { tr ' ' '\n' <<<"${WALL[$1]}" | grep -v '^$' | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mbps() { awk -v bytes="$IMAGE_BYTES" -v s="$1" 'BEGIN { printf "%.0f", bytes / s / 1048576 }'; }
 
+runs() { tr -s ' ' <<<"${WALL[$1]}" | sed 's/ $//'; }
+shares() {
+    paste -d ' ' <(tr ' ' '\n' <<<"${WALL[sha256]}" | grep -v '^$') \
+        <(tr ' ' '\n' <<<"${WALL[dvcr-to-dvcr]}" | grep -v '^$') |
+        awk '{ printf "%s%.0f%%", (NR > 1 ? " " : ""), $1 / $2 * 100 }'
+}
 medcpu() { tr ' ' '\n' <<<"${CPU[$1]}" | grep -v '^$' | median; }
 SHA=$(med sha256)
 IMPORT_CPU=$(medcpu dvcr-to-dvcr)
@@ -196,6 +202,8 @@ cat <<EOF
 | dvcr import HTTP -> DVCR | $DVCR_S | $(mbps "$DVCR_S") | ${RSS[dvcr-to-dvcr]} |
 
 dvcr reaches **${SHARE}%** of the single-stream SHA-256 ceiling (goal: at least 60%).
+Every run, in order (seconds): the ceiling $(runs sha256), dvcr $(runs dvcr-to-dvcr); the
+share per run (each run's ceiling over its import): $(shares).
 
 CPU seconds per run (median): the importer ${IMPORT_CPU} s, the registry (\`dvcr serve\`)
 ${SERVE_CPU} s, for $((IMAGE_BYTES / 1048576)) MiB. The registry hashes every byte once, to
