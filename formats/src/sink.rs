@@ -79,6 +79,17 @@ impl SharedPool {
             self.bufs.push(buf);
         }
     }
+
+    /// The bytes of `buf` to fill: a buffer just taken is held by nobody else, so this
+    /// fails only on a decoder bug (a buffer filled while lent).
+    pub fn fill(buf: &mut Shared) -> Result<&mut PageBuf> {
+        Arc::get_mut(buf).ok_or_else(|| {
+            err!(
+                Io,
+                "a buffer lent to the sink is still in use (a decoder bug)"
+            )
+        })
+    }
 }
 
 fn bad_range() -> crate::Error {

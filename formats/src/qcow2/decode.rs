@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Mutex, mpsc};
 
 use super::{ClusterCompression, Header};
 use crate::ImageInfo;
@@ -155,12 +155,7 @@ impl Batch {
             // One byte more than the clusters: the inflater notices a cluster that inflates
             // past its end by writing into the next one's first byte (inflated after it).
             let mut shared = pool.take(group.len() * cluster + 1);
-            let Some(buf) = Arc::get_mut(&mut shared) else {
-                return Err(err!(
-                    Io,
-                    "an inflate buffer is still in use (a decoder bug)"
-                ));
-            };
+            let buf = SharedPool::fill(&mut shared)?;
             for (i, &(guest, start, end, _)) in group.iter().enumerate() {
                 let at = i * cluster;
                 inflater.inflate(
@@ -366,9 +361,7 @@ impl<'a, 'o> Decoder<'a, 'o> {
                 }
                 None => {
                     let mut shared = pool.take(CHUNK as usize);
-                    let Some(buf) = Arc::get_mut(&mut shared) else {
-                        return Err(err!(Io, "a read buffer is still in use (a decoder bug)"));
-                    };
+                    let buf = SharedPool::fill(&mut shared)?;
                     let n = stream.read_full(&mut buf[..CHUNK as usize])?;
                     if n == 0 {
                         break;
