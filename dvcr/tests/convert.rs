@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use dvcr_tests::{Scratch, assert_same_as_qemu, mixed_raw, qemu_img, qemu_info, serve_file};
+use dvcr_tests::{Loop, Scratch, assert_same_as_qemu, mixed_raw, qemu_img, qemu_info, serve_file};
 
 const DVCR: &str = env!("CARGO_BIN_EXE_dvcr");
 
@@ -203,37 +203,6 @@ fn an_unsafe_image_is_refused_with_the_inspect_message() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(json["kind"], "unsupported");
     assert!(json["error"].as_str().unwrap().contains("backing file"));
-}
-
-/// A loop device over a file full of old data, detached when dropped.
-struct Loop {
-    device: String,
-}
-
-impl Loop {
-    fn attach(file: &Path) -> Option<Self> {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "skipping: no loop device here ({})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Some(Self {
-            device: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{DVCR, Registry};
-use dvcr_tests::{Scratch, mixed_raw, qemu_img, serve_file};
+use dvcr_tests::{Loop, Scratch, mixed_raw, qemu_img, serve_file};
 use serde_json::Value;
 
 const IMPORTER: &str = env!("CARGO_BIN_EXE_dvcr-importer");
@@ -276,6 +276,47 @@ fn a_sparse_raw_disk_is_stored_compressed_and_unpacks_to_the_same_bytes() {
     );
     let out = untar_layer(&manifest, &dir, &scratch, "unpacked");
     qemu_compare(&out.join("disk/disk.img"), &raw);
+}
+
+#[test]
+fn an_existing_block_device_goes_into_dvcr_without_its_zeros_and_onto_a_disk_equal_to_it() {
+    let scratch = Scratch::new();
+    // A 64 MiB device with 3 MiB of data. A block device has no holes: its zeros are read
+    // like data, and must not be stored as data.
+    let backing = scratch.path("device.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&backing), "64M"]);
+    dvcr_tests::qemu_io(
+        "raw",
+        &backing,
+        &["write -P 0x6b 4M 2M", "write -P 0x1f 60M 1M"],
+    );
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let registry = Registry::start();
+    let json = import_ok(&[
+        "--from",
+        &dev.device,
+        "--to",
+        &docker(&registry, "vd/ns/from-device:1"),
+        "--dest-insecure",
+    ]);
+    assert_eq!(json["format"], "raw");
+    assert_eq!(json["virtual-size"], 64 << 20);
+    let (manifest, dir) = skopeo_pull(&registry, "vd/ns/from-device:1", &scratch, "pulled");
+    let layer = &manifest["layers"][0];
+    assert!(
+        layer["size"].as_u64().unwrap() < 8 << 20,
+        "a 64 MiB device with 3 MiB of data stored {} bytes",
+        layer["size"]
+    );
+    let out = untar_layer(&manifest, &dir, &scratch, "unpacked");
+    qemu_compare(&out.join("disk/disk.img"), &backing);
+    // The same device straight onto a disk file.
+    let copy = scratch.path("copy.img");
+    let json = import_ok(&["--from", &dev.device, "--to", s(&copy)]);
+    assert_eq!(json["disk-size"], 64 << 20);
+    qemu_compare(&copy, &backing);
 }
 
 #[test]

@@ -56,6 +56,42 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// A loop device over a file, detached when dropped: a real block device for tests of
+/// block-device sources and targets.
+#[derive(Debug)]
+pub struct Loop {
+    /// Its path, `/dev/loopN`.
+    pub device: String,
+}
+
+impl Loop {
+    /// Attaches `file`; `None` (with the reason on stderr) where this machine has no loop
+    /// devices to give, as in an unprivileged container.
+    pub fn attach(file: &Path) -> Option<Self> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipping: no loop device here ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Self {
+            device: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
 /// `qemu-img ARGS...`.
 pub fn qemu_img(args: &[&str]) -> Output {
     run(Command::new("qemu-img").args(args))
