@@ -192,13 +192,7 @@ impl Client {
                 .await
                 .map_err(|e| e.context(&what))?;
             let call = Call::new(Method::GET, url, vec![pull_scope(&r.repository)]);
-            let resp = core
-                .send(&r.registry, &call)
-                .await
-                .map_err(|e| e.context(&what))?;
-            if !resp.status().is_success() {
-                return Err(core.status_error(resp, &what, &r.registry).await);
-            }
+            let resp = core.send_ok(&r.registry, &call, &what).await?;
             let body = read_small(resp, limit, &what).await?;
             let actual = Hasher::digest_like(&digest, &body);
             if actual != digest {
@@ -303,13 +297,7 @@ async fn fetch_manifest(
         .map_err(|e| e.context(&what))?;
     let call = Call::new(Method::GET, url, vec![pull_scope(&r.repository)])
         .header(header::ACCEPT, ACCEPT_MANIFESTS);
-    let resp = core
-        .send(&r.registry, &call)
-        .await
-        .map_err(|e| e.context(&what))?;
-    if !resp.status().is_success() {
-        return Err(core.status_error(resp, &what, &r.registry).await);
-    }
+    let resp = core.send_ok(&r.registry, &call, &what).await?;
     let media_type = header_text(resp.headers(), "content-type")
         .map(manifest::bare_media_type)
         .unwrap_or_default();

@@ -158,13 +158,7 @@ impl Client {
             )
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
-            let resp = core
-                .send(&r.registry, &call)
-                .await
-                .map_err(|e| e.context(&what))?;
-            if !resp.status().is_success() {
-                return Err(core.status_error(resp, &what, &r.registry).await);
-            }
+            let resp = core.send_ok(&r.registry, &call, &what).await?;
             check_answered_digest(resp.headers(), &d, &what)?;
             Ok(d)
         })?;
@@ -218,13 +212,7 @@ impl Client {
             let call = Call::new(Method::PUT, url, vec![push_scope(&r.repository)])
                 .header(header::CONTENT_TYPE, &media_type)
                 .body(body);
-            let resp = core
-                .send(&r.registry, &call)
-                .await
-                .map_err(|e| e.context(&what))?;
-            if !resp.status().is_success() {
-                return Err(core.status_error(resp, &what, &r.registry).await);
-            }
+            let resp = core.send_ok(&r.registry, &call, &what).await?;
             check_answered_digest(resp.headers(), &d, &what)?;
             Ok(())
         })?;

@@ -377,6 +377,24 @@ impl Core {
             .map_err(|e| network_error(&e, &format!("{method} {}", redact(&url))))
     }
 
+    /// [`Core::send`] for a call that must succeed: a failure to send, or an answer that is
+    /// not a success, becomes an error about `what` (with the registry's own message).
+    pub async fn send_ok(
+        &self,
+        registry: &str,
+        call: &Call,
+        what: &str,
+    ) -> Result<reqwest::Response, OciError> {
+        let resp = self
+            .send(registry, call)
+            .await
+            .map_err(|e| e.context(what))?;
+        if !resp.status().is_success() {
+            return Err(self.status_error(resp, what, registry).await);
+        }
+        Ok(resp)
+    }
+
     /// Like [`Core::send`] but on the client without a read timeout, for a request whose
     /// answer may take long (the PUT that completes a multi-gigabyte upload).
     pub async fn send_slow(
