@@ -8,20 +8,8 @@ use std::time::Duration;
 use dvcr_formats::ErrorKind;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// The error and its causes in one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
+/// The error and its causes in one line (the importer's rendering, shared by every binary).
+pub use dvcr_importer::error::chain;
 
 /// The stable name of an error kind in JSON output.
 pub fn error_kind(kind: ErrorKind) -> &'static str {

@@ -330,20 +330,7 @@ impl<R: crate::chunk::ChunkRead> crate::chunk::ChunkRead for Verifying<R> {
 
 /// Finds a checksum mismatch in an error chain (the decoders wrap read errors).
 pub fn find_mismatch<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Mismatch> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = current {
-        if let Some(m) = err.downcast_ref::<Mismatch>() {
-            return Some(m);
-        }
-        if let Some(io) = err.downcast_ref::<io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(m) = inner.downcast_ref::<Mismatch>()
-        {
-            return Some(m);
-        }
-        current = err.source();
-    }
-    None
+    crate::error::find(e)
 }
 
 #[cfg(test)]

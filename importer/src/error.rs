@@ -49,18 +49,33 @@ impl fmt::Display for ImportError {
     }
 }
 
-/// The messages of `e` and its sources, joined with ": ", skipping repeats.
+/// The messages of `e` and its causes on one line, joined with ": ", skipping a cause whose
+/// message an earlier one already quotes. The one way errors are shown on a line in this
+/// project (job results, logs, the CLI).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut current = Some(e);
     while let Some(err) = current {
         let text = err.to_string();
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
-        current = err.source();
+        current = cause(err);
     }
     parts.join(": ")
+}
+
+/// The error behind `e`. `io::Error::source` skips the error an `io::Error` wraps (it
+/// returns that error's source), so an `io::Error` is looked into instead.
+pub fn cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    match e.downcast_ref::<std::io::Error>() {
+        Some(io) => io
+            .get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    }
 }
 
 impl ImportError {
@@ -143,18 +158,12 @@ impl ImportError {
 pub fn find<'a, T: std::error::Error + 'static>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a T> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut current = Some(e);
     while let Some(err) = current {
         if let Some(t) = err.downcast_ref::<T>() {
             return Some(t);
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(t) = inner.downcast_ref::<T>()
-        {
-            return Some(t);
-        }
-        current = err.source();
+        current = cause(err);
     }
     None
 }

@@ -31,6 +31,8 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::sync::mpsc as async_mpsc;
 
+use crate::error::{cause, chain};
+
 /// How long a connection may stay silent before the transfer is abandoned (or resumed).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many redirects an HTTP source follows.
@@ -702,36 +704,6 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
         next = cause(err);
     }
     false
-}
-
-/// The error behind `e`. `io::Error::source` skips the error an `io::Error` wraps (it
-/// returns that error's source), so an `io::Error` is looked into instead.
-fn cause<'a>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a (dyn std::error::Error + 'static)> {
-    match e.downcast_ref::<io::Error>() {
-        Some(io) => io
-            .get_ref()
-            .map(|inner| inner as &(dyn std::error::Error + 'static)),
-        None => e.source(),
-    }
-}
-
-/// An error and its causes on one line, skipping causes already quoted by their parent.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut last = text.clone();
-    let mut next = cause(e);
-    while let Some(err) = next {
-        let part = err.to_string();
-        if !last.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        last = part;
-        next = cause(err);
-    }
-    text
 }
 
 /// The certificates of every PEM file in `dir`, each checked on its own so that a bad one

@@ -94,22 +94,7 @@ impl OciError {
     /// The registry error carried inside an I/O error (as [`super::DiskReader`] returns
     /// them), looked for through the chain of sources.
     pub fn from_io(error: &io::Error) -> Option<&OciError> {
-        let mut current: Option<&(dyn std::error::Error + 'static)> = error
-            .get_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static));
-        while let Some(e) = current {
-            if let Some(found) = e.downcast_ref::<OciError>() {
-                return Some(found);
-            }
-            if let Some(inner) = e.downcast_ref::<io::Error>() {
-                current = inner
-                    .get_ref()
-                    .map(|e| e as &(dyn std::error::Error + 'static));
-                continue;
-            }
-            current = e.source();
-        }
-        None
+        crate::error::find(error.get_ref()?)
     }
 
     /// This error as an I/O error that still carries it (see [`OciError::from_io`]).

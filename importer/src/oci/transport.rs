@@ -269,7 +269,7 @@ impl Core {
                     return Ok(state);
                 }
                 Err(e) => {
-                    tracing::debug!(%ping, error = %error_chain(&e), "registry ping failed");
+                    tracing::debug!(%ping, error = %crate::error::chain(&e), "registry ping failed");
                     failures.push(network_error(&e, &format!("cannot reach {ping}")));
                 }
             }
@@ -874,7 +874,7 @@ pub(crate) fn redact(url: &Url) -> String {
 /// The error for a request that got no answer: network trouble is transient, a refused
 /// certificate is not (it will be refused again).
 pub(crate) fn network_error(e: &reqwest::Error, what: &str) -> OciError {
-    let chain = error_chain(e);
+    let chain = crate::error::chain(e);
     let lower = chain.to_ascii_lowercase();
     if lower.contains("certificate") || lower.contains("unknownissuer") {
         return OciError::invalid(format!(
@@ -889,21 +889,6 @@ pub(crate) fn network_error(e: &reqwest::Error, what: &str) -> OciError {
         "failed"
     };
     OciError::transient(format!("{what}: {why}: {chain}"))
-}
-
-/// An error and its sources, joined.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// `CODE: message` of each error in an OCI error body, or a short piece of other text.
