@@ -67,7 +67,7 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The error behind `e`. `io::Error::source` skips the error an `io::Error` wraps (it
 /// returns that error's source), so an `io::Error` is looked into instead.
-pub fn cause<'a>(
+pub(crate) fn cause<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a (dyn std::error::Error + 'static)> {
     match e.downcast_ref::<std::io::Error>() {
